@@ -1,0 +1,39 @@
+"""fxexpand: expansion-then-contraction training of compact networks as torch.fx graph rewrites.
+
+Entry points: :func:`trace`, :func:`compile`, :func:`contract`, :func:`verify`, :func:`export_onnx`,
+:func:`benchmark_onnx`, :func:`save` / :func:`load`. Passes live in :mod:`fxexpand.passes`.
+"""
+
+from .api import ContractReport, compile, contract
+from .bench import LatencyStats, benchmark_onnx, compare_onnx
+from .cost import count_flops, count_parameters
+from .errors import (
+    ContractionError,
+    EquivalenceError,
+    ExportError,
+    FxExpandError,
+    InputError,
+    LoadError,
+    PassError,
+    PostconditionError,
+    PreconditionError,
+    TraceError,
+)
+from .export import export_onnx
+from .infra import Note, Pass, PassManager, PassResult, build_pass, get_pass, register_pass, registered_passes
+from .io import build_model, load, register_factory, save
+from .modules import DecayActivation
+from .provenance import ExpandedRegion
+from .trace import trace
+from .verify import VerifyReport, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "trace", "compile", "contract", "verify", "export_onnx", "benchmark_onnx", "compare_onnx",
+    "save", "load", "build_model", "register_factory", "count_flops", "count_parameters",
+    "Pass", "PassResult", "PassManager", "Note", "register_pass", "registered_passes", "get_pass", "build_pass",
+    "ContractReport", "VerifyReport", "LatencyStats", "DecayActivation", "ExpandedRegion",
+    "FxExpandError", "TraceError", "PassError", "PreconditionError", "PostconditionError",
+    "EquivalenceError", "ContractionError", "ExportError", "LoadError", "InputError",
+]

@@ -1,0 +1,189 @@
+"""The user-facing entry points: :func:`compile` and :func:`contract`."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import FxExpandError, InputError
+from .infra import Note, Pass, PassManager, build_pass
+from .trace import trace
+from .verify import VerifyReport, _as_tuple, verify
+
+__all__ = ["compile", "contract", "ContractReport", "propagate_shapes"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ContractReport:
+    """What :func:`contract` did: the notes of every pass and the verification result."""
+
+    target: str
+    notes: list[Note] = field(default_factory=list)
+    verification: VerifyReport | None = None
+
+    def _count(self, action: str) -> int:
+        return sum(1 for n in self.notes if n.action == action)
+
+    @property
+    def fused(self) -> list[Note]:
+        return [n for n in self.notes if n.action in ("fused", "folded", "removed")]
+
+    @property
+    def skipped(self) -> list[Note]:
+        return [n for n in self.notes if n.action == "skipped"]
+
+    def summary(self) -> str:
+        parts = [f"target={self.target}", f"folded={self._count('folded')}", f"fused={self._count('fused')}",
+                 f"removed={self._count('removed')}", f"skipped={self._count('skipped')}"]
+        if self.verification is not None:
+            parts.append(f"max_abs_error={self.verification.max_abs_error():.3e}")
+        return ", ".join(parts)
+
+    def __str__(self) -> str:
+        lines = [self.summary()] + [f"  {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
+    """Record output shapes on every node (``node.meta['tensor_meta']``) with ShapeProp, in eval mode.
+
+    The modules' training flags are restored afterwards, and no running statistic changes.
+    """
+    inputs = _as_tuple(example_inputs)
+    flags = {m: m.training for m in gm.modules()}
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except FxExpandError:
+        raise
+    except Exception as e:
+        shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                           for t in inputs)
+        raise InputError(
+            f"the model failed on example inputs of shape/dtype ({shapes}): {type(e).__name__}: {e}. "
+            "Pass example inputs (or --input-shape) that the model accepts."
+        ) from e
+    finally:
+        for m, f in flags.items():
+            m.training = f
+
+
+def compile(  # noqa: A001 - mirrors torch.compile's name on purpose
+    model: nn.Module,
+    passes: Sequence[Pass | str],
+    *,
+    example_inputs: Any = None,
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    verify_each: bool = False,
+) -> fx.GraphModule:
+    """Trace a copy of ``model`` and run ``passes`` on it; returns a new trainable GraphModule.
+
+    ``model`` is never modified (its parameters and buffers stay bit-identical). Passes may be pass
+    objects or registered names (see :func:`fxexpand.registered_passes`). ``example_inputs`` enables
+    shape information for passes that need it and ``verify_each`` (which names the first pass that
+    changed the model's function — only meaningful for function-preserving passes).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compile expects an nn.Module, got {type(model).__name__}")
+    pass_objs = [build_pass(p) for p in passes]
+    training = model.training
+    gm = trace(copy.deepcopy(model), leaf_modules=leaf_modules, concrete_args=concrete_args)
+    if example_inputs is not None:
+        propagate_shapes(gm, example_inputs)
+    pm = PassManager(passes=pass_objs, verify_each=verify_each, example_inputs=example_inputs)
+    result = pm(gm)
+    out = result.graph_module
+    out.recompile()
+    out.train(training)
+    out.fxexpand_notes = list(result.notes)
+    return out
+
+
+def contract(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    target: Literal["original", "deploy"] = "original",
+    verify: bool = True,  # noqa: A002 - the natural keyword for users
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    trials: int = 3,
+    verify_each: bool = False,
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    extra_passes: Sequence[Pass | str] = (),
+) -> fx.GraphModule:
+    """Contract ``model`` for inference; returns a new GraphModule in eval mode.
+
+    Runs identity removal, BatchNorm folding and linear fusion to a fixed point, in eval mode,
+    on a copy of ``model``, then (unless ``verify=False``) checks the result against ``model``
+    with :func:`fxexpand.verify`.
+
+    Targets:
+        ``"original"`` (default): contract only what fxexpand expanded (regions created by
+        expansion passes), so the result keeps the original architecture and state_dict keys.
+        ``"deploy"``: also fold every BatchNorm and make every fusion that does not increase FLOPs.
+
+    The report (:class:`ContractReport`) is attached as ``result.fxexpand_report``.
+
+    Raises:
+        InputError: the example inputs do not fit the model.
+        EquivalenceError: the contracted model does not match (a bug; please report it).
+        TraceError, PassError: see their messages.
+    """
+    from .passes import FoldBatchNormPass, FuseLinearPass, RemoveIdentityPass
+
+    if target not in ("original", "deploy"):
+        raise ValueError(f"target must be 'original' or 'deploy', got {target!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"contract expects an nn.Module, got {type(model).__name__}")
+    inputs = _as_tuple(example_inputs)
+    work = copy.deepcopy(model).eval()
+    gm = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args, inline_regions=True)
+    propagate_shapes(gm, inputs)
+    scope = "expanded" if target == "original" else "all"
+    passes: list[Pass] = [
+        RemoveIdentityPass(scope=scope),
+        FoldBatchNormPass(scope=scope),
+        FuseLinearPass(scope=scope),
+        *[build_pass(p) for p in extra_passes],
+    ]
+    pm = PassManager(passes=passes, fixed_point=True, verify_each=verify_each, example_inputs=inputs,
+                     rtol=rtol, atol=atol)
+    result = pm(gm)
+    out = result.graph_module
+    out.graph.eliminate_dead_code()
+    out.recompile()
+    out.delete_all_unused_submodules()
+    out.eval()
+    report = ContractReport(target=target, notes=_dedupe(result.notes))
+    if verify:
+        report.verification = _verify(model, out, inputs, rtol=rtol, atol=atol, trials=trials)
+    out.fxexpand_report = report
+    logger.info("contract: %s", report.summary())
+    return out
+
+
+_verify = verify
+
+
+def _dedupe(notes: list[Note]) -> list[Note]:
+    """Fixed-point rounds repeat skip notes; keep the first of each."""
+    seen, out = set(), []
+    for n in notes:
+        key = (n.pass_name, n.action, n.where, n.reason)
+        if key not in seen:
+            seen.add(key)
+            out.append(n)
+    return out

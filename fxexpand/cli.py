@@ -1,0 +1,174 @@
+"""The ``fxexpand`` command.
+
+``fxexpand contract MODEL -o OUT.onnx``: load MODEL, contract it (target "deploy" by default),
+verify, export ONNX (checked against torch in onnxruntime) and print a summary table. Bad input
+gets a one-paragraph error and exit code 2; the output file is only written on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input shape must be integers like 1,3,224,224, got {text!r}") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"input shape must be positive integers like 1,3,224,224, got {text!r}")
+    return dims
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fxexpand",
+        description="Expansion-then-contraction for compact networks: contract, verify, export and time models.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser(
+        "contract",
+        help="contract a model, verify it, export ONNX and print a summary",
+        description=(
+            "Load MODEL, fold BatchNorms and fuse linear chains (target 'deploy'), verify the result "
+            "numerically, export it to ONNX (checked in onnxruntime) and print parameters, FLOPs, "
+            "latency and error. MODEL is a torchvision model name such as torchvision:mobilenet_v2 "
+            "(built with weights=None), a file written by fxexpand.save(), or, with --trust-pickle, a "
+            "module saved with torch.save(module)."
+        ),
+    )
+    c.add_argument("model", help="torchvision:<name> | file from fxexpand.save() | pickled module (--trust-pickle)")
+    c.add_argument("-o", "--output", required=True, help="where to write the contracted ONNX model")
+    c.add_argument("--input-shape", type=_shape, default=None,
+                   help="example input shape, e.g. 1,3,224,224 (default: recorded in the file, else 1,3,224,224)")
+    c.add_argument("--target", choices=["deploy", "original"], default="deploy",
+                   help="deploy: fold every BN and make every profitable fusion (default); original: "
+                        "contract only fxexpand's expanded regions")
+    c.add_argument("--no-verify", action="store_true", help="skip the numerical equivalence check")
+    c.add_argument("--bench", action="store_true", help="time the input and contracted models in onnxruntime")
+    c.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads for --bench (default 1)")
+    c.add_argument("--runs", type=int, default=30, help="timed runs per model for --bench (default 30)")
+    c.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a pickled nn.Module (unpickling runs code from the file)")
+    c.add_argument("--allow-factory", action="append", default=[], metavar="MODULE:FUNCTION",
+                   help="allow a fxexpand.save() file to build its model with this factory (repeatable)")
+    c.add_argument("--report", action="store_true", help="also print every fusion and skip with its reason")
+    return parser
+
+
+def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]fxexpand: error:[/] {msg}")
+    return code
+
+
+def _load_model(args):
+    from .io import LoadedModel, build_model, load_file
+
+    spec = args.model
+    if spec.startswith("torchvision:") and not os.path.exists(spec):
+        model = build_model(spec)
+        return LoadedModel(model, spec, None)
+    return load_file(spec, allow=args.allow_factory, trust_pickle=args.trust_pickle)
+
+
+def cmd_contract(args) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import api, bench, cost, export
+
+    console = Console(stderr=False, highlight=False)
+    out_path = export.check_output_path(args.output)
+    if args.threads < 1 or args.runs < 1:
+        return _fail("--threads and --runs must be at least 1")
+    with console.status("loading model") as status:
+        loaded = _load_model(args)
+        model = loaded.model.eval()
+        shape = args.input_shape or loaded.input_shape or [1, 3, 224, 224]
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        status.update("tracing and contracting")
+        small = api.contract(model, (x,), target=args.target, verify=not args.no_verify)
+        report = small.fxexpand_report
+        status.update("counting parameters and FLOPs")
+        p_before, p_after = cost.count_parameters(model), cost.count_parameters(small)
+        f_before, f_after = cost.count_flops(model, (x,)), cost.count_flops(small, (x,))
+        status.update(f"exporting ONNX to {out_path}")
+        export.export_onnx(small, (x,), out_path)
+        lat = None
+        if args.bench:
+            with tempfile.TemporaryDirectory() as tmp:
+                status.update("exporting the input model for comparison")
+                ref_path = export.export_onnx(model, (x,), Path(tmp) / "input.onnx")
+                status.update(f"timing both models in onnxruntime ({args.runs} runs each, alternating)")
+                lat = bench.compare_onnx([ref_path, out_path], threads=args.threads, runs=args.runs)
+
+    table = Table(title=f"fxexpand contract {loaded.source} (target={args.target}, input {tuple(shape)})")
+    table.add_column("")
+    table.add_column("input model", justify="right")
+    table.add_column("contracted", justify="right")
+    table.add_column("ratio", justify="right")
+    table.add_row("parameters", f"{p_before:,}", f"{p_after:,}", f"{p_after / max(p_before, 1):.3f}")
+    table.add_row("FLOPs", f"{f_before:,}", f"{f_after:,}", f"{f_after / max(f_before, 1):.3f}")
+    if lat is not None:
+        a, b = lat
+        table.add_row(f"ORT latency median ms ({args.threads} thr)", f"{a.median_ms:.3f}", f"{b.median_ms:.3f}",
+                      f"{b.median_ms / a.median_ms:.3f}")
+        table.add_row("ORT latency p90 ms", f"{a.p90_ms:.3f}", f"{b.p90_ms:.3f}", f"{b.p90_ms / a.p90_ms:.3f}")
+    else:
+        table.add_row("ORT latency", "not measured (--bench)", "", "")
+    if report.verification is not None:
+        v = report.verification
+        table.add_row("max abs error (float32 / float64)", "",
+                      f"{v.max_abs_error('float32'):.2e} / {v.max_abs_error('float64'):.2e}", "")
+    else:
+        table.add_row("max abs error", "", "not verified (--no-verify)", "")
+    table.add_row("folded / fused / removed / skipped", "",
+                  f"{report._count('folded')} / {report._count('fused')} / {report._count('removed')} / "
+                  f"{report._count('skipped')}", "")
+    console.print(table)
+    if args.report:
+        for n in report.notes:
+            console.print(f"  {n}")
+    console.print(f"wrote {out_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
+    from .errors import FxExpandError
+
+    try:
+        if args.command == "contract":
+            return cmd_contract(args)
+    except FxExpandError as e:
+        if args.debug:
+            traceback.print_exc()
+        return _fail(f"{e}")
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as e:  # a bug in fxexpand, not bad input
+        if args.debug:
+            traceback.print_exc()
+        return _fail(f"internal error ({type(e).__name__}: {e}). This is a bug in fxexpand; rerun with --debug "
+                     "for a traceback and report it.", EXIT_INTERNAL)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Typed errors raised by fxexpand.
+
+Every error fxexpand raises on purpose derives from :class:`FxExpandError`, so callers (and the
+CLI) can tell a problem with the *input* apart from a bug. Messages say what went wrong and what
+to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FxExpandError",
+    "TraceError",
+    "PassError",
+    "PreconditionError",
+    "PostconditionError",
+    "EquivalenceError",
+    "ContractionError",
+    "ExportError",
+    "LoadError",
+    "InputError",
+]
+
+
+class FxExpandError(Exception):
+    """Base class of every error fxexpand raises deliberately."""
+
+
+class TraceError(FxExpandError):
+    """The model could not be symbolically traced by torch.fx."""
+
+
+class PassError(FxExpandError):
+    """A pass failed; the message names the pass and the passes that ran before it."""
+
+
+class PreconditionError(PassError):
+    """A pass's ``requires`` check rejected its input graph."""
+
+
+class PostconditionError(PassError):
+    """A pass's ``ensures`` check rejected the graph the pass produced."""
+
+
+class EquivalenceError(FxExpandError):
+    """A rewritten model does not compute the same function as its reference."""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report
+
+
+class ContractionError(FxExpandError):
+    """Contraction cannot be done exactly (for example an activation that is not yet linear)."""
+
+
+class ExportError(FxExpandError):
+    """ONNX export, checking or onnxruntime comparison failed."""
+
+
+class LoadError(FxExpandError):
+    """A model file could not be loaded safely (missing, corrupt, untrusted or not a model)."""
+
+
+class InputError(FxExpandError):
+    """Example inputs (or an input shape) do not fit the model."""

@@ -1,0 +1,133 @@
+"""ONNX export that is checked, compared with torch and written atomically.
+
+:func:`export_onnx` exports to a temporary file next to the destination, runs
+:func:`onnx.checker.check_model`, runs the file in onnxruntime and compares its outputs with torch,
+and only then renames it into place. On any failure the destination is left untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ExportError, InputError
+from .verify import flatten_outputs
+
+__all__ = ["export_onnx", "check_output_path"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Fail early (before any work) if ``path`` cannot be written."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.exists() and p.is_dir():
+        raise ExportError(f"output path {p} is a directory; give a file name such as {p / 'model.onnx'}")
+    if not parent.exists():
+        raise ExportError(f"the directory {parent} does not exist; create it or choose another output path")
+    if not parent.is_dir():
+        raise ExportError(f"{parent} is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"the directory {parent} is not writable; choose another output path")
+    return p
+
+
+def _torch_export(model: nn.Module, inputs: tuple, path: str, opset: int | None, dynamo: bool) -> None:
+    kwargs: dict[str, Any] = dict(input_names=[f"input_{i}" for i in range(len(inputs))])
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(model, inputs, path, dynamo=True, external_data=False, **kwargs)
+        else:
+            torch.onnx.export(model, inputs, path, dynamo=False, **kwargs)
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    dynamo: bool = False,
+    check: bool = True,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+) -> Path:
+    """Export ``model`` (in eval mode, on a copy) to ONNX at ``path``; returns the path.
+
+    Args:
+        example_inputs: tuple of tensors (shapes are fixed in the exported graph).
+        opset: ONNX opset (exporter default when None).
+        dynamo: use torch's ``torch.export``-based exporter instead of the TorchScript one
+            (the TorchScript exporter is faster; it is tried first by default and the dynamo
+            exporter is used if it fails).
+        check: run onnx.checker and compare onnxruntime with torch (``rtol``/``atol`` relative to
+            the output's largest magnitude).
+
+    Raises:
+        ExportError: unwritable path, export failure, checker failure or an output mismatch.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    dest = check_output_path(path)
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise InputError("export_onnx needs example_inputs made of tensors")
+    m = copy.deepcopy(model).eval()
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=str(dest.parent if str(dest.parent) else "."))
+    os.close(fd)
+    try:
+        try:
+            _torch_export(m, inputs, tmp, opset, dynamo)
+        except Exception as e:
+            if dynamo:
+                raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
+            logger.info("TorchScript ONNX export failed (%s); trying the dynamo exporter", e)
+            try:
+                _torch_export(m, inputs, tmp, opset, True)
+            except Exception as e2:
+                raise ExportError(f"torch.onnx.export failed: {type(e2).__name__}: {e2}") from e2
+        if check:
+            try:
+                onnx.checker.check_model(tmp, full_check=True)
+            except Exception as e:
+                raise ExportError(f"onnx.checker rejected the exported model: {e}") from e
+            try:
+                sess = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+                feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
+                got = sess.run(None, feeds)
+            except Exception as e:
+                raise ExportError(f"onnxruntime could not run the exported model: {e}") from e
+            with torch.no_grad():
+                want = [t for _, t in flatten_outputs(m(*inputs))]
+            if len(got) != len(want):
+                raise ExportError(f"onnxruntime returned {len(got)} outputs, torch {len(want)}")
+            for i, (g, w) in enumerate(zip(got, want)):
+                w = w.detach().cpu().numpy()
+                if g.shape != w.shape:
+                    raise ExportError(f"output {i}: onnxruntime shape {g.shape} vs torch {w.shape}")
+                err = float(np.abs(g.astype(np.float64) - w.astype(np.float64)).max()) if w.size else 0.0
+                scale = float(np.abs(w).max()) if w.size else 0.0
+                if not np.isfinite(err) or err > atol + rtol * scale:
+                    raise ExportError(
+                        f"output {i}: onnxruntime differs from torch by {err:.3e} (scale {scale:.3e})"
+                    )
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return dest

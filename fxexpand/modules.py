@@ -1,0 +1,65 @@
+"""Modules fxexpand inserts into expanded models.
+
+:class:`DecayActivation` is an activation that can be faded into the identity. Its coefficient
+``alpha`` is a *buffer*, so it is saved in ``state_dict`` and a resumed run continues its schedule.
+``alpha = 0`` is the wrapped activation, ``alpha = 1`` the identity; only at exactly 1 can
+contraction remove it (DESIGN.md rule 6).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["DecayActivation"]
+
+_KINDS = ("leaky", "blend")
+
+
+class DecayActivation(nn.Module):
+    """An activation with a decay coefficient ``alpha`` (buffer) that interpolates to the identity.
+
+    * ``kind="leaky"`` (NetBooster's PLT): ``y = max(alpha * x, x)``, a leaky ReLU whose slope is
+      ``alpha``. For ReLU6 the upper clamp fades out too: ``y - (1 - alpha) * relu(y - 6)``; for
+      LeakyReLU the slope rises from the module's own ``negative_slope`` to 1.
+    * ``kind="blend"``: ``alpha * x + (1 - alpha) * act(x)`` for any activation.
+
+    fxexpand's tracer keeps this module as a single (leaf) call so passes can see and remove it.
+    """
+
+    def __init__(self, activation: nn.Module, kind: str = "blend", alpha: float = 0.0):
+        super().__init__()
+        if kind not in _KINDS:
+            raise ValueError(f"DecayActivation kind must be one of {_KINDS}, got {kind!r}")
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        if kind == "leaky" and not isinstance(activation, (nn.ReLU, nn.ReLU6, nn.LeakyReLU)):
+            raise ValueError(
+                f"kind='leaky' works for ReLU, ReLU6 and LeakyReLU, not {type(activation).__name__}; "
+                "use kind='blend'"
+            )
+        self.activation = activation
+        self.kind = kind
+        self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, alpha={float(self.alpha):.4g}"
+
+    @property
+    def is_identity(self) -> bool:
+        """True only when alpha is exactly 1 (the activation is linear and removable)."""
+        return bool(self.alpha.item() == 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.alpha.to(x.dtype)
+        if self.kind == "blend":
+            return a * x + (1 - a) * self.activation(x)
+        act = self.activation
+        if isinstance(act, nn.LeakyReLU):
+            # slope rises from the module's own negative_slope to 1
+            slope = act.negative_slope + a * (1 - act.negative_slope)
+            return torch.maximum(slope * x, x)
+        y = torch.maximum(a * x, x)
+        if isinstance(act, nn.ReLU6):
+            y = y - (1 - a) * torch.relu(y - 6)
+        return y

@@ -1,0 +1,250 @@
+"""Exact algebra of linear ops (convolutions and linear layers), shared by the fusion passes.
+
+All composition is computed in float64 and cast back to the parameters' dtype.
+
+Sequential conv∘conv (per spatial dim; conv1: kernel k1, stride s1, padding p1, dilation d1;
+conv2: k2, s2, padding 0, d2)::
+
+    z[j] = Σ_b W2[b] Σ_a W1[a] x̂[s1·s2·j + s1·d2·b + d1·a]          (x̂ = x padded by p1)
+    ⇒ one conv: stride s1·s2, padding p1, dilation D = gcd(d1, s1·d2),
+       kernel K = (s1·d2·(k2-1) + d1·(k1-1)) / D + 1,  bias b2 + Σ W2·b1.
+
+conv2 may be padded only if conv1 is pointwise (k=1, s=1, p=0) without bias: then zero-padding
+the intermediate equals zero-padding the input. Any other padded conv2 is refused (rule 1).
+
+Parallel sum Σ_a conv_a(x) (same stride): each kernel is placed in a common kernel at offset
+P - P_a (P = max P_a); exact when every branch has the same 2·P_a - D_a·(k_a - 1) per dim (so all
+branches see the same output grid for every input size).
+
+Groups: results are composed on block-diagonal (dense) weights when needed and the fused op
+keeps the largest group count its connectivity allows (computed from the group structure, not
+from weight values).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from ..graph import LinearOp
+
+__all__ = ["compose", "sum_parallel", "identity_like", "dense_weight", "grouped_weight", "max_groups"]
+
+
+def dense_weight(op: LinearOp) -> torch.Tensor:
+    """Block-diagonal ``[C_out, C_in, *k]`` weight of a grouped conv (float64)."""
+    w = op.weight.detach().to(torch.float64)
+    g = op.groups
+    if op.kind != "conv" or g == 1:
+        return w
+    co, ci = w.shape[0] // g, w.shape[1]
+    k = w.shape[2:]
+    w5 = w.reshape(g, co, ci, *k)
+    dense = torch.zeros(g, co, g, ci, *k, dtype=w.dtype, device=w.device)
+    idx = torch.arange(g, device=w.device)
+    dense[idx, :, idx] = w5
+    return dense.reshape(g * co, g * ci, *k)
+
+
+def grouped_weight(dense: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of :func:`dense_weight` (takes the diagonal blocks)."""
+    if groups == 1:
+        return dense
+    cout, cin = dense.shape[:2]
+    co, ci = cout // groups, cin // groups
+    k = dense.shape[2:]
+    d5 = dense.reshape(groups, co, groups, ci, *k)
+    idx = torch.arange(groups, device=dense.device)
+    return d5[idx, :, idx].reshape(cout, ci, *k)
+
+
+def _mask(op: LinearOp) -> torch.Tensor:
+    """Connectivity ``[C_out, C_in]`` (bool) implied by the op's groups."""
+    cout, cin, g = op.out_channels, op.in_channels, op.groups
+    og = torch.arange(cout) // (cout // g)
+    ig = torch.arange(cin) // (cin // g)
+    return og[:, None] == ig[None, :]
+
+
+def max_groups(mask: torch.Tensor) -> int:
+    """The largest G such that the connectivity mask is block-diagonal with G equal blocks."""
+    cout, cin = mask.shape
+    common = math.gcd(cout, cin)
+    for g in sorted((d for d in range(1, common + 1) if common % d == 0), reverse=True):
+        og = torch.arange(cout) // (cout // g)
+        ig = torch.arange(cin) // (cin // g)
+        allowed = og[:, None] == ig[None, :]
+        if not bool((mask & ~allowed).any()):
+            return g
+    return 1
+
+
+def _finish(like: LinearOp, kind: str, w: torch.Tensor, b: torch.Tensor | None, **geom) -> LinearOp:
+    dtype, device = like.weight.dtype, like.weight.device
+    w = w.to(dtype=dtype, device=device).contiguous()
+    b = None if b is None else b.to(dtype=dtype, device=device).contiguous()
+    return LinearOp(kind, w, b, **geom)
+
+
+def _bias64(op: LinearOp) -> torch.Tensor | None:
+    return None if op.bias is None else op.bias.detach().to(torch.float64)
+
+
+def compose(first: LinearOp, second: LinearOp) -> tuple[LinearOp | None, str]:
+    """``second ∘ first`` as one op, or ``(None, reason)`` when that is not exact."""
+    if first.kind != second.kind:
+        return None, f"cannot compose {first.kind} with {second.kind}"
+    if second.in_channels != first.out_channels:
+        return None, "channel counts do not match"
+    b1, b2 = _bias64(first), _bias64(second)
+    if first.kind == "linear":
+        w1, w2 = first.weight.detach().double(), second.weight.detach().double()
+        w = w2 @ w1
+        b = None
+        if b1 is not None:
+            b = w2 @ b1
+        if b2 is not None:
+            b = b2 if b is None else b + b2
+        return _finish(first, "linear", w, b), ""
+    if first.nd != second.nd:
+        return None, "convolutions of different dimensionality"
+    nd = first.nd
+    k1, k2 = first.kernel, second.kernel
+    s1, s2, p1, p2 = first.stride, second.stride, first.padding, second.padding
+    d1, d2 = first.dilation, second.dilation
+    pointwise_first = all(k == 1 for k in k1) and all(s == 1 for s in s1) and not any(p1)
+    if any(p2):
+        if not pointwise_first:
+            return None, ("padding on the second conv of a chain is exact only after a pointwise "
+                          "unpadded first conv (DESIGN rule 1: pad the first conv of a chain)")
+        if b1 is not None and bool(b1.abs().max() > 0):
+            return None, ("the second conv is padded and the first conv has a bias: the intermediate "
+                          "border would have to be padded with the bias, not zero (DESIGN rule 1)")
+        b1 = None
+        # pointwise first: the fused op has the second conv's geometry
+        stride, padding, dilation = s2, p2, d2
+        kernel = k2
+        D = d2
+        offsets_b = lambda pos: pos  # noqa: E731  (position in units of D)
+        step_a = (1,) * nd
+        k1_eff = (1,) * nd
+    else:
+        stride = tuple(a * b for a, b in zip(s1, s2))
+        padding = p1
+        D, kernel, step = [], [], []
+        for i in range(nd):
+            if k1[i] > 1 and k2[i] > 1:
+                di = math.gcd(d1[i], s1[i] * d2[i])
+            elif k1[i] > 1:
+                di = d1[i]
+            elif k2[i] > 1:
+                di = s1[i] * d2[i]
+            else:
+                di = 1
+            D.append(di)
+            kernel.append((s1[i] * d2[i] * (k2[i] - 1) + d1[i] * (k1[i] - 1)) // di + 1)
+            step.append(d1[i] // di if k1[i] > 1 else 1)
+        D, kernel, step_a = tuple(D), tuple(kernel), tuple(step)
+        dilation = D
+        offsets_b = lambda pos: tuple(s1[i] * d2[i] * pos[i] // D[i] for i in range(nd))  # noqa: E731
+        k1_eff = k1
+
+    g1, g2 = first.groups, second.groups
+    out_c, in_c = second.out_channels, first.in_channels
+    w1_full = first.weight.detach().double()
+    w2_full = second.weight.detach().double()
+    if g1 == g2:
+        g = g1
+        w1g = w1_full.reshape(g, first.out_channels // g, in_c // g, *k1)
+        w2g = w2_full.reshape(g, out_c // g, first.out_channels // g, *k2)
+        w = torch.zeros(g, out_c // g, in_c // g, *kernel, dtype=torch.float64, device=w1g.device)
+        for pos in itertools.product(*(range(k) for k in k2)):
+            contrib = torch.einsum("goc,gci...->goi...", w2g[(slice(None), slice(None), slice(None)) + pos], w1g)
+            off = offsets_b(pos)
+            sl = tuple(slice(off[i], off[i] + step_a[i] * (k1_eff[i] - 1) + 1, step_a[i]) for i in range(nd))
+            w[(slice(None), slice(None), slice(None)) + sl] += contrib
+        w = w.reshape(out_c, in_c // g, *kernel)
+        groups = g
+    else:
+        w1 = dense_weight(first)
+        w2 = dense_weight(second)
+        dense = torch.zeros(out_c, in_c, *kernel, dtype=torch.float64, device=w1.device)
+        for pos in itertools.product(*(range(k) for k in k2)):
+            contrib = torch.einsum("oc,ci...->oi...", w2[(slice(None), slice(None)) + pos], w1)
+            off = offsets_b(pos)
+            sl = tuple(slice(off[i], off[i] + step_a[i] * (k1_eff[i] - 1) + 1, step_a[i]) for i in range(nd))
+            dense[(slice(None), slice(None)) + sl] += contrib
+        mask = (_mask(second).double() @ _mask(first).double()) > 0
+        groups = max_groups(mask)
+        w = grouped_weight(dense, groups)
+    b = None
+    if b1 is not None:
+        b = w2_full.sum(dim=tuple(range(2, 2 + nd))) @ b1 if g2 == 1 else (
+            dense_weight(second).sum(dim=tuple(range(2, 2 + nd))) @ b1)
+    if b2 is not None:
+        b = b2 if b is None else b + b2
+    return _finish(first, "conv", w, b, stride=stride, padding=tuple(padding), dilation=tuple(dilation),
+                   groups=groups), ""
+
+
+def identity_like(op: LinearOp, channels: int) -> LinearOp:
+    """The identity as an op of the same kind (depthwise 1x1 conv / identity matrix)."""
+    w = op.weight
+    if op.kind == "linear":
+        return LinearOp("linear", torch.eye(channels, dtype=w.dtype, device=w.device), None)
+    nd = op.nd
+    return LinearOp("conv", torch.ones(channels, 1, *([1] * nd), dtype=w.dtype, device=w.device), None,
+                    (1,) * nd, (0,) * nd, (1,) * nd, channels)
+
+
+def sum_parallel(ops: list[LinearOp]) -> tuple[LinearOp | None, str]:
+    """``Σ op(x)`` over branches reading the same input, as one op, or ``(None, reason)``."""
+    first = ops[0]
+    if any(o.kind != first.kind for o in ops):
+        return None, "branches mix conv and linear"
+    if any(o.in_channels != first.in_channels or o.out_channels != first.out_channels for o in ops):
+        return None, "branches have different channel counts"
+    biases = [_bias64(o) for o in ops if o.bias is not None]
+    b = sum(biases) if biases else None
+    if first.kind == "linear":
+        w = sum(o.weight.detach().double() for o in ops)
+        return _finish(first, "linear", w, b), ""
+    nd = first.nd
+    if any(o.nd != nd for o in ops):
+        return None, "branches have different dimensionality"
+    if any(o.stride != first.stride for o in ops):
+        return None, "branches have different strides"
+    for i in range(nd):
+        c = {2 * o.padding[i] - o.dilation[i] * (o.kernel[i] - 1) for o in ops}
+        if len(c) != 1:
+            return None, ("branches are not aligned (2·padding - dilation·(kernel-1) differs), so their "
+                          "output grids differ for some input sizes")
+    P = tuple(max(o.padding[i] for o in ops) for i in range(nd))
+    same_dil = all(o.dilation == first.dilation for o in ops)
+    D = first.dilation if same_dil and all(
+        (P[i] - o.padding[i]) % first.dilation[i] == 0 for o in ops for i in range(nd)) else (1,) * nd
+    K = tuple(max((P[i] - o.padding[i]) // D[i] + (o.dilation[i] // D[i]) * (o.kernel[i] - 1) + 1 for o in ops)
+              for i in range(nd))
+    same_groups = all(o.groups == first.groups for o in ops)
+    if same_groups:
+        groups = first.groups
+        w = torch.zeros(first.out_channels, first.in_channels // groups, *K, dtype=torch.float64,
+                        device=first.weight.device)
+    else:
+        mask = torch.zeros(first.out_channels, first.in_channels, dtype=torch.bool)
+        for o in ops:
+            mask |= _mask(o)
+        groups = max_groups(mask)
+        w = torch.zeros(first.out_channels, first.in_channels, *K, dtype=torch.float64, device=first.weight.device)
+    for o in ops:
+        src = o.weight.detach().double() if same_groups else dense_weight(o)
+        step = tuple(o.dilation[i] // D[i] for i in range(nd))
+        sl = tuple(slice((P[i] - o.padding[i]) // D[i],
+                         (P[i] - o.padding[i]) // D[i] + step[i] * (o.kernel[i] - 1) + 1, step[i])
+                   for i in range(nd))
+        w[(slice(None), slice(None)) + sl] += src
+    if not same_groups:
+        w = grouped_weight(w, groups)
+    return _finish(first, "conv", w, b, stride=first.stride, padding=P, dilation=D, groups=groups), ""

@@ -1,0 +1,163 @@
+"""FoldBatchNormPass: fold an inference-mode batch norm into the conv / linear before it.
+
+Pattern: ``bn(conv(x))`` or ``bn(linear(x))``, each op as ``call_module`` or ``call_function``
+(``F.convNd`` / ``F.linear`` / ``F.batch_norm`` with constant parameters), plus
+``nn.ConvTransposeNd`` (groups=1) modules.
+
+Math (per output channel c): ``γ_c (W x + b - μ_c) / sqrt(σ²_c + ε) + β_c`` is ``W' x + b'`` with
+``W' = W·γ/√(σ²+ε)``, ``b' = (b - μ)·γ/√(σ²+ε) + β`` — computed by
+:func:`torch.nn.utils.fusion.fuse_conv_bn_weights` / ``fuse_linear_bn_weights``.
+
+Preconditions (otherwise the site is skipped and the reason recorded): the BN has running
+statistics and is in eval mode (or ``F.batch_norm(training=False)``); the conv's output has no user
+but the BN; the conv module (or its functional weights) is used at no other site (rule 7); a
+linear feeding a BatchNorm1d produces a 2-D output (BN1d normalises dim 1, linear acts on the
+last dim).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+
+from ..graph import (
+    LinearOp,
+    attr_use_counts,
+    bn_of,
+    fresh_name,
+    get_module,
+    in_scope,
+    linear_op_of,
+    linear_param_names,
+    module_call_counts,
+    node_input,
+    node_label,
+    out_shape,
+    replace_nodes_with_module,
+)
+from ..infra import Pass, PassResult, register_pass
+
+__all__ = ["FoldBatchNormPass", "FoldBatchNorm"]
+
+logger = logging.getLogger(__name__)
+
+_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@register_pass("fold_batchnorm")
+@dataclass(kw_only=True)
+class FoldBatchNormPass(Pass):
+    """Fold eval-mode BatchNorm into the preceding conv / linear / conv-transpose.
+
+    Args:
+        scope: ``"all"`` folds everywhere; ``"expanded"`` only inside expanded regions.
+    """
+
+    scope: Literal["all", "expanded"] = "all"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scope not in ("all", "expanded"):
+            raise ValueError(f"scope must be 'all' or 'expanded', got {self.scope!r}")
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        gm = graph_module
+        notes = []
+        modified = False
+        for node in list(gm.graph.nodes):
+            if node.graph is not gm.graph:
+                continue
+            bn, reason = bn_of(gm, node)
+            if bn is None:
+                if reason and in_scope(gm, [node], self.scope)[0]:
+                    notes.append(self.note("skipped", node_label(node), reason))
+                continue
+            prev = node_input(node)
+            if prev is None:
+                continue
+            ok, _ = in_scope(gm, [prev, node], self.scope)
+            if not ok:
+                continue
+            where = f"{node_label(prev)} <- {node_label(node)}"
+            skip = self._check(gm, prev, node)
+            if skip:
+                if skip != "-":
+                    notes.append(self.note("skipped", where, skip))
+                continue
+            new_module, name = self._fold(gm, prev, bn)
+            if new_module is None:
+                notes.append(self.note("skipped", where, name))
+                continue
+            replace_nodes_with_module(gm, [prev, node], new_module, node_input(prev), name)
+            notes.append(self.note("folded", where))
+            modified = True
+        if modified:
+            gm.delete_all_unused_submodules()
+        return PassResult(gm, modified, notes)
+
+    def _check(self, gm: fx.GraphModule, prev: fx.Node, bn_node: fx.Node) -> str:
+        is_transpose = prev.op == "call_module" and isinstance(get_module(gm, prev.target), _TRANSPOSE)
+        op, reason = (None, "") if is_transpose else linear_op_of(gm, prev)
+        if op is None and not is_transpose:
+            return reason or "-"  # "-": the BN does not follow a conv/linear; nothing to report
+        if len(prev.users) != 1:
+            return f"the output of {node_label(prev)} has other users besides the batch norm"
+        if prev.op == "call_module" and module_call_counts(gm)[prev.target] > 1:
+            return f"module {prev.target} is called from {module_call_counts(gm)[prev.target]} places (rule 7)"
+        if prev.op == "call_function":
+            uses = attr_use_counts(gm)
+            shared = [a for a in linear_param_names(prev) if uses[a] > 1]
+            if shared:
+                return f"parameters {shared} are shared with other ops"
+        if node_input(prev) is None:
+            return "the conv's input is not a graph value"
+        if op is not None and op.kind == "linear":
+            shape = out_shape(prev)
+            if shape is None or len(shape) != 2:
+                return "batch norm after a linear whose output is not 2-D normalises a different dimension"
+        return ""
+
+    def _fold(self, gm: fx.GraphModule, prev: fx.Node, bn) -> tuple[nn.Module | None, str]:
+        if prev.op == "call_module":
+            mod = get_module(gm, prev.target)
+            name = prev.target
+        else:
+            mod = None
+            names = linear_param_names(prev)
+            base = names[0].rsplit(".", 1)[0] if names and "." in names[0] else (names[0] if names else "op")
+            name = fresh_name(gm, base + "_folded")
+        weight = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
+        bias = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+        if isinstance(mod, _TRANSPOSE):
+            if mod.groups != 1:
+                return None, "grouped ConvTranspose is not folded"
+            if mod.out_channels != bn.running_mean.numel():
+                return None, "channel count mismatch"
+            new = copy.deepcopy(mod)
+            w, b = fuse_conv_bn_weights(mod.weight, mod.bias, bn.running_mean, bn.running_var, bn.eps,
+                                        weight, bias, transpose=True)
+            new.weight, new.bias = w, b
+            return new, name
+        op, _ = linear_op_of(gm, prev)
+        assert op is not None
+        if op.out_channels != bn.running_mean.numel():
+            return None, "channel count mismatch between the op and the batch norm"
+        with torch.no_grad():
+            if op.kind == "conv":
+                w, b = fuse_conv_bn_weights(op.weight, op.bias, bn.running_mean, bn.running_var, bn.eps,
+                                            weight, bias)
+            else:
+                w, b = fuse_linear_bn_weights(op.weight, op.bias, bn.running_mean, bn.running_var, bn.eps,
+                                              weight, bias)
+        folded = LinearOp(op.kind, w.detach(), b.detach(), op.stride, op.padding, op.dilation, op.groups)
+        return folded.to_module(), name
+
+
+FoldBatchNorm = FoldBatchNormPass

@@ -1,0 +1,205 @@
+"""FuseLinearPass: merge linear ops that have nothing non-linear between them.
+
+Patterns (every op as ``call_module`` or ``call_function`` with constant parameters):
+
+* sequential: ``B(A(x))`` with A, B convs of the same dimensionality (any kernel, stride, dilation,
+  groups, bias) or both linear → one op (``compose`` in ``_algebra``; padding only on the first conv,
+  rule 1; stride grows the kernel to ``k1 + s1·(k2-1)``, rule 2; groups composed per block, rule 3);
+* parallel: ``A(x) + B(x)`` → one op whose kernel is the aligned sum (RepVGG-style branches);
+* identity residual: ``x + A(x)`` with A stride 1 and ``C_in == C_out`` → A plus the identity
+  kernel (rule 4).
+
+Every fusion is exact or not done; a refused site is recorded with its reason. Outside expanded
+regions a fusion is made only if it does not increase multiply-accumulates (MACs, from the shapes
+recorded by ShapeProp; without shapes, it is skipped); inside an expanded region it is always made,
+because it restores the original layer. Shared modules/parameters are never fused (rule 7).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch.fx as fx
+
+from ..graph import (
+    LinearOp,
+    attr_use_counts,
+    fresh_name,
+    in_scope,
+    is_add,
+    linear_op_of,
+    linear_param_names,
+    module_call_counts,
+    node_input,
+    node_label,
+    out_shape,
+    replace_nodes_with_module,
+)
+from ..infra import Pass, PassResult, register_pass
+from ._algebra import compose, identity_like, sum_parallel
+
+__all__ = ["FuseLinearPass", "FuseLinear"]
+
+logger = logging.getLogger(__name__)
+
+
+@register_pass("fuse_linear")
+@dataclass(kw_only=True)
+class FuseLinearPass(Pass):
+    """Fuse sequential / parallel / identity-residual linear ops exactly.
+
+    Args:
+        scope: ``"all"`` or ``"expanded"`` (only inside expanded regions).
+        allow_flop_increase: also fuse outside expanded regions when it increases MACs.
+    """
+
+    scope: Literal["all", "expanded"] = "all"
+    allow_flop_increase: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scope not in ("all", "expanded"):
+            raise ValueError(f"scope must be 'all' or 'expanded', got {self.scope!r}")
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _private(self, gm: fx.GraphModule, node: fx.Node, calls, uses) -> str:
+        """Empty string if ``node``'s parameters belong to this site only; else the reason."""
+        if node.op == "call_module" and calls[node.target] > 1:
+            return f"module {node.target} is called from {calls[node.target]} places (rule 7)"
+        if node.op == "call_function":
+            shared = [a for a in linear_param_names(node) if uses[a] > 1]
+            if shared:
+                return f"parameters {shared} are shared with other ops (rule 7)"
+        return ""
+
+    def _profitable(self, region, before: list[tuple[LinearOp, fx.Node]], after: LinearOp, out_node: fx.Node) -> str:
+        if region is not None or self.allow_flop_increase:
+            return ""
+        costs = [op.macs(out_shape(n)) for op, n in before]
+        new = after.macs(out_shape(out_node))
+        if new is None or any(c is None for c in costs):
+            return "no shape information to judge the cost (run ShapeProp first)"
+        old = sum(costs)
+        if new > old:
+            return f"would increase MACs from {old} to {new}"
+        return ""
+
+    @staticmethod
+    def _name(node: fx.Node, gm: fx.GraphModule) -> str:
+        if node.op == "call_module":
+            return node.target
+        names = linear_param_names(node)
+        base = names[0].rsplit(".", 1)[0] if names and "." in names[0] else (names[0] if names else "op")
+        return fresh_name(gm, base + "_fused")
+
+    # -- the pass ------------------------------------------------------------------------------
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        gm = graph_module
+        notes = []
+        modified = False
+        for node in list(gm.graph.nodes):
+            if node.graph is not gm.graph or node.op == "output":
+                continue
+            calls, uses = module_call_counts(gm), attr_use_counts(gm)
+            if is_add(node):
+                done, note = self._try_add(gm, node, calls, uses)
+            else:
+                done, note = self._try_sequential(gm, node, calls, uses)
+            if note is not None:
+                notes.append(note)
+            modified |= done
+        if modified:
+            gm.delete_all_unused_submodules()
+        return PassResult(gm, modified, notes)
+
+    def _try_sequential(self, gm, node, calls, uses):
+        second, _ = linear_op_of(gm, node)
+        if second is None:
+            return False, None
+        prev = node_input(node)
+        if prev is None:
+            return False, None
+        first, _ = linear_op_of(gm, prev)
+        if first is None:
+            return False, None
+        ok, region = in_scope(gm, [prev, node], self.scope)
+        if not ok:
+            return False, None
+        where = f"{node_label(prev)} -> {node_label(node)}"
+        if len(prev.users) != 1:
+            return False, self.note("skipped", where, f"the output of {node_label(prev)} has other users")
+        reason = self._private(gm, prev, calls, uses) or self._private(gm, node, calls, uses)
+        if not reason and node_input(prev) is None:
+            reason = "the chain's input is not a graph value"
+        if not reason and first.weight.dtype != second.weight.dtype:
+            reason = "parameters have different dtypes"
+        if reason:
+            return False, self.note("skipped", where, reason)
+        fused, reason = compose(first, second)
+        if fused is None:
+            return False, self.note("skipped", where, reason)
+        reason = self._profitable(region, [(first, prev), (second, node)], fused, node)
+        if reason:
+            return False, self.note("skipped", where, reason)
+        replace_nodes_with_module(gm, [prev, node], fused.to_module(), node_input(prev), self._name(node, gm))
+        return True, self.note("fused", where, "sequential")
+
+    def _try_add(self, gm, node, calls, uses):
+        a, b = node.args
+        ops = {}
+        for n in (a, b):
+            op, _ = linear_op_of(gm, n)
+            if op is not None:
+                ops[n] = op
+        if not ops:
+            return False, None
+        shape = out_shape(node)
+        # identity residual: x + A(x)
+        for lin, other in ((a, b), (b, a)):
+            if lin in ops and node_input(lin) is other:
+                return self._fuse_branches(gm, node, [lin], other, ops, calls, uses, residual=True, shape=shape)
+        if len(ops) == 2 and node_input(a) is not None and node_input(a) is node_input(b) and a is not b:
+            return self._fuse_branches(gm, node, [a, b], node_input(a), ops, calls, uses, residual=False, shape=shape)
+        return False, None
+
+    def _fuse_branches(self, gm, node, branches, x, ops, calls, uses, *, residual, shape):
+        ok, region = in_scope(gm, branches + [node], self.scope)
+        if not ok:
+            return False, None
+        kind = "identity residual" if residual else "parallel branches"
+        where = " + ".join(["x"] * residual + [node_label(n) for n in branches]) + f" -> {node.name}"
+        for n in branches:
+            if len(n.users) != 1:
+                return False, self.note("skipped", where, f"the output of {node_label(n)} has other users")
+            reason = self._private(gm, n, calls, uses)
+            if reason:
+                return False, self.note("skipped", where, reason)
+        if shape is None or any(out_shape(n) != shape for n in branches):
+            return False, self.note("skipped", where, "operand shapes unknown or broadcast in the add")
+        op_list = [ops[n] for n in branches]
+        if residual:
+            op = op_list[0]
+            xs = out_shape(x)
+            if xs != shape:
+                return False, self.note("skipped", where, "the residual changes the shape (stride or channels)")
+            if op.kind == "conv" and any(s != 1 for s in op.stride):
+                return False, self.note("skipped", where, "strided conv in an identity residual")
+            if op.in_channels != op.out_channels:
+                return False, self.note("skipped", where, "C_in != C_out in an identity residual")
+            op_list = op_list + [identity_like(op, op.in_channels)]
+        if len({o.weight.dtype for o in op_list}) != 1:
+            return False, self.note("skipped", where, "parameters have different dtypes")
+        fused, reason = sum_parallel(op_list)
+        if fused is None:
+            return False, self.note("skipped", where, reason)
+        reason = self._profitable(region, [(ops[n], n) for n in branches], fused, node)
+        if reason:
+            return False, self.note("skipped", where, reason)
+        name = self._name(branches[0], gm)
+        replace_nodes_with_module(gm, list(branches) + [node], fused.to_module(), x, name)
+        return True, self.note("fused", where, kind)
+
+
+FuseLinear = FuseLinearPass

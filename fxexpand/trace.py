@@ -1,0 +1,137 @@
+"""Symbolic tracing with clear errors.
+
+:func:`trace` wraps :class:`torch.fx.Tracer`. When tracing fails (data-dependent control flow,
+unsupported Python, ...) it raises :class:`~fxexpand.errors.TraceError` naming the innermost module
+being traced, the source line in *your* code where tracing stopped, and the two remedies torch.fx
+offers: mark the module as a leaf (``leaf_modules=``) or fix the offending argument
+(``concrete_args=``).
+
+The returned GraphModule shares parameters with ``model`` (as ``torch.fx.symbolic_trace`` does);
+:func:`fxexpand.compile` and :func:`fxexpand.contract` trace a deep copy, so they never touch it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import TraceError
+
+__all__ = ["trace"]
+
+logger = logging.getLogger(__name__)
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(__file__)
+
+
+class _FxExpandTracer(fx.Tracer):
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]):
+        super().__init__()
+        self._leaf_types = leaf_types
+        self._leaf_names = leaf_names
+        self.failed_module: tuple[str, str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if module_qualified_name in self._leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:
+                try:
+                    path = self.path_of_module(m)
+                except Exception:
+                    path = "?"
+                self.failed_module = (path, type(m).__name__)
+            raise
+
+
+def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """The last traceback frame outside torch and fxexpand: the line of user code that failed."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    candidate = None
+    for fr in frames:
+        fn = os.path.abspath(fr.filename)
+        if fn.startswith(_TORCH_DIR) or fn.startswith(_OWN_DIR):
+            continue
+        candidate = fr
+    return candidate
+
+
+def trace(
+    model: nn.Module,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    inline_regions: bool = False,
+) -> fx.GraphModule:
+    """Symbolically trace ``model`` into a :class:`torch.fx.GraphModule`.
+
+    Args:
+        model: the module to trace (not modified).
+        leaf_modules: module classes or qualified names to keep as opaque calls (use this for
+            submodules with data-dependent control flow).
+        concrete_args: values for forward() arguments that should be specialised (e.g. flags
+            that select a code path), passed to ``torch.fx.Tracer.trace``.
+        inline_regions: trace *through* :class:`~fxexpand.provenance.ExpandedRegion` containers
+            (contraction does this); by default each region stays one opaque call, so the traced
+            module keeps the region objects and their provenance.
+
+    :class:`~fxexpand.modules.DecayActivation` is always kept as a single call.
+
+    Raises:
+        TraceError: if torch.fx cannot trace the model; the message names the module and the line.
+    """
+    if isinstance(model, fx.GraphModule):
+        return model
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"fxexpand.trace expects a torch.nn.Module, got {type(model).__name__}")
+    leaf_modules = tuple(leaf_modules)
+    bad = [x for x in leaf_modules if not (isinstance(x, str) or (isinstance(x, type) and issubclass(x, nn.Module)))]
+    if bad:
+        raise TypeError(f"leaf_modules must be nn.Module subclasses or qualified names, got {bad!r}")
+    from .modules import DecayActivation
+    from .provenance import ExpandedRegion, find_regions
+
+    leaf_types = tuple(x for x in leaf_modules if isinstance(x, type)) + (DecayActivation,)
+    if not inline_regions:
+        leaf_types += (ExpandedRegion,)
+    leaf_names = frozenset(x for x in leaf_modules if isinstance(x, str))
+    tracer = _FxExpandTracer(leaf_types, leaf_names)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as e:
+        where = ""
+        if tracer.failed_module is not None:
+            path, cls = tracer.failed_module
+            where = f" inside module '{path or '<root>'}' ({cls})"
+        frame = _user_frame(e)
+        line = ""
+        if frame is not None:
+            line = f" at {frame.filename}:{frame.lineno}"
+            if frame.line:
+                line += f" (`{frame.line.strip()}`)"
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}{where}{line}: "
+            f"{type(e).__name__}: {e}. "
+            "If that module has data-dependent control flow or other untraceable Python, pass "
+            "leaf_modules=[<its class or qualified name>] to keep it as an opaque call; if a "
+            "forward() argument selects the code path, fix it with concrete_args={name: value}."
+        ) from e
+    name = type(model).__name__
+    gm = fx.GraphModule(tracer.root, graph, name)
+    # a cache (gm.meta is not pickled): regions traced through, for scope="expanded" passes
+    gm.meta["fxexpand_regions"] = tuple(find_regions(model)) if inline_regions else ()
+    return gm
