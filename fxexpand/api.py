@@ -63,6 +63,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
     gm.eval()
     try:
         with torch.no_grad():
+            gm(*inputs)  # a plain run first: a clean error message for inputs that do not fit
             ShapeProp(gm).propagate(*inputs)
     except FxExpandError:
         raise
@@ -142,14 +143,37 @@ def contract(
         EquivalenceError: the contracted model does not match (a bug; please report it).
         TraceError, PassError: see their messages.
     """
-    from .passes import FoldBatchNormPass, FuseLinearPass, RemoveIdentityPass
-
     if target not in ("original", "deploy"):
         raise ValueError(f"target must be 'original' or 'deploy', got {target!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"contract expects an nn.Module, got {type(model).__name__}")
     inputs = _as_tuple(example_inputs)
-    work = copy.deepcopy(model).eval()
+    opts = dict(target=target, leaf_modules=tuple(leaf_modules), concrete_args=concrete_args,
+                extra_passes=extra_passes, verify_each=verify_each, rtol=rtol, atol=atol)
+    out, notes = _contract_once(copy.deepcopy(model), inputs, **opts)
+    report = ContractReport(target=target, notes=_dedupe(notes))
+    if verify:
+        out64 = None
+        dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        if dt != torch.float64:
+            # the same contraction carried out in float64 separates algebra from float32 rounding
+            inputs64 = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                             for t in inputs)
+            out64, _ = _contract_once(copy.deepcopy(model).double(), inputs64, **opts)
+        report.verification = _verify(model, out, inputs, rtol=rtol, atol=atol, trials=trials, candidate64=out64)
+    out.fxexpand_report = report
+    logger.info("contract: %s", report.summary())
+    return out
+
+
+_verify = verify
+
+
+def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, concrete_args, extra_passes,
+                   verify_each, rtol, atol) -> tuple[fx.GraphModule, list[Note]]:
+    from .passes import FoldBatchNormPass, FuseLinearPass, RemoveIdentityPass
+
+    work.eval()
     gm = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args, inline_regions=True)
     propagate_shapes(gm, inputs)
     scope = "expanded" if target == "original" else "all"
@@ -167,15 +191,7 @@ def contract(
     out.recompile()
     out.delete_all_unused_submodules()
     out.eval()
-    report = ContractReport(target=target, notes=_dedupe(result.notes))
-    if verify:
-        report.verification = _verify(model, out, inputs, rtol=rtol, atol=atol, trials=trials)
-    out.fxexpand_report = report
-    logger.info("contract: %s", report.summary())
-    return out
-
-
-_verify = verify
+    return out, result.notes
 
 
 def _dedupe(notes: list[Note]) -> list[Note]:

@@ -134,6 +134,8 @@ def cmd_contract(args) -> int:
         v = report.verification
         table.add_row("max abs error (float32 / float64)", "",
                       f"{v.max_abs_error('float32'):.2e} / {v.max_abs_error('float64'):.2e}", "")
+        table.add_row("max rel error (float32 / float64)", "",
+                      f"{v.max_rel_error('float32'):.2e} / {v.max_rel_error('float64'):.2e}", "")
     else:
         table.add_row("max abs error", "", "not verified (--no-verify)", "")
     table.add_row("folded / fused / removed / skipped", "",

@@ -132,6 +132,8 @@ def _check_field_types(obj: Any) -> None:
 
 
 def _simple_types(hint: Any) -> tuple[type, ...] | None:
+    if hint is Any:
+        return None
     origin = typing.get_origin(hint)
     if origin is None:
         if hint is float:
