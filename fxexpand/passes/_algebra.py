@@ -222,10 +222,19 @@ def sum_parallel(ops: list[LinearOp]) -> tuple[LinearOp | None, str]:
             return None, ("branches are not aligned (2·padding - dilation·(kernel-1) differs), so their "
                           "output grids differ for some input sizes")
     P = tuple(max(o.padding[i] for o in ops) for i in range(nd))
-    same_dil = all(o.dilation == first.dilation for o in ops)
-    D = first.dilation if same_dil and all(
-        (P[i] - o.padding[i]) % first.dilation[i] == 0 for o in ops for i in range(nd)) else (1,) * nd
-    K = tuple(max((P[i] - o.padding[i]) // D[i] + (o.dilation[i] // D[i]) * (o.kernel[i] - 1) + 1 for o in ops)
+    # common dilation per dim: the gcd of every tap spacing and every branch offset (a kernel of
+    # size 1 has no spacing), so e.g. a dilated 3x3 plus the identity stays a dilated 3x3
+    D = []
+    for i in range(nd):
+        g = 0
+        for o in ops:
+            if o.kernel[i] > 1:
+                g = math.gcd(g, o.dilation[i])
+            g = math.gcd(g, P[i] - o.padding[i])
+        D.append(max(g, 1))
+    D = tuple(D)
+    K = tuple(max((P[i] - o.padding[i]) // D[i] + (o.dilation[i] // D[i] if o.kernel[i] > 1 else 1) * (o.kernel[i] - 1) + 1
+                  for o in ops)
               for i in range(nd))
     same_groups = all(o.groups == first.groups for o in ops)
     if same_groups:
@@ -240,7 +249,7 @@ def sum_parallel(ops: list[LinearOp]) -> tuple[LinearOp | None, str]:
         w = torch.zeros(first.out_channels, first.in_channels, *K, dtype=torch.float64, device=first.weight.device)
     for o in ops:
         src = o.weight.detach().double() if same_groups else dense_weight(o)
-        step = tuple(o.dilation[i] // D[i] for i in range(nd))
+        step = tuple(o.dilation[i] // D[i] if o.kernel[i] > 1 else 1 for i in range(nd))
         sl = tuple(slice((P[i] - o.padding[i]) // D[i],
                          (P[i] - o.padding[i]) // D[i] + step[i] * (o.kernel[i] - 1) + 1, step[i])
                    for i in range(nd))

@@ -1,0 +1,48 @@
+import copy
+
+import torch
+from torch import nn
+
+import fxexpand
+from fxexpand.api import propagate_shapes
+
+from ..conftest import randomize_bn, rel_err
+
+
+def apply(pass_obj, model: nn.Module, x: torch.Tensor, dtype=torch.float64):
+    """Trace a copy of ``model`` in ``dtype``, propagate shapes, run the pass; return (ref, result)."""
+    ref = copy.deepcopy(model).to(dtype).eval()
+    randomize_bn(ref)
+    gm = fxexpand.trace(copy.deepcopy(ref))
+    xs = x.to(dtype)
+    propagate_shapes(gm, (xs,))
+    before = gm.code
+    res = pass_obj(gm)
+    res.graph_module.graph.lint()
+    res.graph_module.recompile()
+    return ref, res, before, xs
+
+
+def max_rel(ref, gm, x) -> float:
+    with torch.no_grad():
+        return rel_err(ref(x), gm(x))
+
+
+def op_types(gm) -> list[str]:
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            out.append(type(gm.get_submodule(n.target)).__name__)
+        elif n.op == "call_function":
+            out.append(getattr(n.target, "__name__", str(n.target)))
+    return out
+
+
+def check_equivalent(pass_factory, model, x, *, expect_modified=True):
+    """float64 to 1e-10 relative and float32 to 1e-5; returns the float64 result."""
+    ref, res, before, xs = apply(pass_factory(), model, x, torch.float64)
+    assert res.modified is expect_modified, [str(n) for n in res.notes]
+    assert max_rel(ref, res.graph_module, xs) <= 1e-10
+    ref32, res32, _, xs32 = apply(pass_factory(), model, x, torch.float32)
+    assert max_rel(ref32, res32.graph_module, xs32) <= 1e-5
+    return res

@@ -1,0 +1,284 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxexpand
+from fxexpand.passes import FoldBatchNorm, FuseLinear
+
+from ._util import apply, check_equivalent, max_rel, op_types
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d}
+
+
+def n_linear_ops(gm) -> int:
+    return sum(t in ("Conv1d", "Conv2d", "Linear", "conv2d", "linear") for t in op_types(gm))
+
+
+# -- sequential ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("bias1,bias2", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize(
+    "nd,c1,c2,shape",
+    [
+        # 1x1 ∘ kxk, kxk ∘ 1x1, kxk ∘ kxk, with stride / dilation / groups / depthwise
+        (2, dict(in_channels=4, out_channels=8, kernel_size=1), dict(in_channels=8, out_channels=6, kernel_size=3), (2, 4, 9, 10)),
+        (2, dict(in_channels=4, out_channels=8, kernel_size=3, padding=1, stride=2), dict(in_channels=8, out_channels=6, kernel_size=1), (2, 4, 9, 10)),
+        (2, dict(in_channels=4, out_channels=6, kernel_size=3, padding=2, stride=2), dict(in_channels=6, out_channels=5, kernel_size=3, stride=2), (1, 4, 15, 13)),
+        (2, dict(in_channels=4, out_channels=6, kernel_size=(3, 2), dilation=2, padding=(1, 3)), dict(in_channels=6, out_channels=4, kernel_size=(2, 3), dilation=(1, 2)), (2, 4, 14, 12)),
+        (2, dict(in_channels=6, out_channels=6, kernel_size=3, groups=6, padding=1), dict(in_channels=6, out_channels=6, kernel_size=3, groups=6), (2, 6, 9, 9)),
+        (2, dict(in_channels=4, out_channels=8, kernel_size=3, groups=2, padding=1), dict(in_channels=8, out_channels=4, kernel_size=3, groups=2, stride=2), (2, 4, 11, 9)),
+        (2, dict(in_channels=4, out_channels=8, kernel_size=1, groups=4), dict(in_channels=8, out_channels=6, kernel_size=3, groups=2), (1, 4, 8, 8)),
+        (1, dict(in_channels=3, out_channels=12, kernel_size=1), dict(in_channels=12, out_channels=5, kernel_size=5, stride=3, padding=0), (2, 3, 31)),
+        (1, dict(in_channels=3, out_channels=4, kernel_size=4, stride=2, padding=3, dilation=2), dict(in_channels=4, out_channels=5, kernel_size=3, dilation=3), (2, 3, 40)),
+    ],
+)
+def test_sequential_conv_conv(nd, c1, c2, shape, bias1, bias2):
+    model = nn.Sequential(CONV[nd](**c1, bias=bias1), CONV[nd](**c2, bias=bias2))
+    res = check_equivalent(lambda: FuseLinear(allow_flop_increase=True), model, torch.randn(*shape))
+    assert n_linear_ops(res.graph_module) == 1
+
+
+def test_stride_grows_kernel_rule_2():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2), nn.Conv2d(3, 4, 3))
+    res = check_equivalent(lambda: FuseLinear(allow_flop_increase=True), model, torch.randn(1, 2, 15, 15))
+    conv = next(m for m in res.graph_module.modules() if isinstance(m, nn.Conv2d))
+    assert conv.kernel_size == (3 + 2 * (3 - 1),) * 2 and conv.stride == (2, 2)
+
+
+def test_padding_on_second_conv_is_refused_rule_1():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 5, 3, padding=1))
+    _, res, before, _ = apply(FuseLinear(allow_flop_increase=True), model, torch.randn(1, 3, 8, 8))
+    assert not res.modified and res.graph_module.code == before
+    assert any("rule 1" in n.reason for n in res.notes)
+
+
+def test_padded_second_after_pointwise_without_bias_is_fused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.Conv2d(4, 5, 3, padding=1))
+    res = check_equivalent(lambda: FuseLinear(allow_flop_increase=True), model, torch.randn(2, 3, 8, 7))
+    assert n_linear_ops(res.graph_module) == 1
+
+
+def test_padded_second_after_biased_pointwise_is_refused():
+    # a biased first conv: the intermediate border would need the bias value, not zero
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=True), nn.Conv2d(4, 5, 3, padding=1))
+    _, res, before, _ = apply(FuseLinear(allow_flop_increase=True), model, torch.randn(1, 3, 8, 8))
+    assert not res.modified and any("bias" in n.reason for n in res.notes)
+
+
+def test_bn_bias_counts_as_bias():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4), nn.Conv2d(4, 5, 3, padding=1))
+    ref, res, _, x = apply(FoldBatchNorm(), model, torch.randn(1, 3, 8, 8))
+    res2 = FuseLinear(allow_flop_increase=True)(res.graph_module)
+    assert not res2.modified and any("bias" in n.reason for n in res2.notes)
+
+
+def test_linear_linear_and_functional():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 12)
+            self.w = nn.Parameter(torch.randn(4, 12))
+            self.b = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return F.linear(self.a(x), self.w, self.b)
+
+    res = check_equivalent(lambda: FuseLinear(allow_flop_increase=True), M(), torch.randn(3, 5, 6))
+    assert n_linear_ops(res.graph_module) == 1
+
+
+def test_functional_conv_chain():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(8, 4, 1, 1))
+            self.w2 = nn.Parameter(torch.randn(5, 8, 3, 3))
+            self.b2 = nn.Parameter(torch.randn(5))
+
+        def forward(self, x):
+            return torch.conv2d(F.conv2d(x, self.w1), self.w2, self.b2, 2)
+
+    res = check_equivalent(lambda: FuseLinear(allow_flop_increase=True), M(), torch.randn(2, 4, 9, 9))
+    assert n_linear_ops(res.graph_module) == 1
+
+
+def test_flop_increase_is_refused_outside_regions():
+    # a 1x1 bottleneck 16->2->16: fusing would make a 16x16 op (more MACs)
+    model = nn.Sequential(nn.Conv2d(16, 2, 1), nn.Conv2d(2, 16, 1))
+    _, res, before, _ = apply(FuseLinear(), model, torch.randn(1, 16, 8, 8))
+    assert not res.modified and res.graph_module.code == before
+    assert any("increase MACs" in n.reason for n in res.notes)
+    # the other way round (16->32->4) saves MACs and is fused
+    model = nn.Sequential(nn.Conv2d(16, 32, 1), nn.Conv2d(32, 4, 1))
+    check_equivalent(lambda: FuseLinear(), model, torch.randn(1, 16, 8, 8))
+
+
+def test_shared_module_is_not_fused_rule_7():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(4, 4, 1)
+            self.b = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.b(self.a(x)) + self.a(x)
+
+    _, res, _, _ = apply(FuseLinear(allow_flop_increase=True), M(), torch.randn(1, 4, 5, 5))
+    assert any("rule 7" in n.reason for n in res.notes)
+    assert not any(n.action == "fused" and "a -> b" in n.where for n in res.notes)
+
+
+def test_negative_nonlinear_between():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1))
+    _, res, before, _ = apply(FuseLinear(allow_flop_increase=True), model, torch.randn(1, 3, 8, 8))
+    assert res.modified is False and res.graph_module.code == before
+
+
+# -- residual and parallel ----------------------------------------------------------------------
+class Residual(nn.Module):
+    def __init__(self, conv, order="x+f"):
+        super().__init__()
+        self.conv, self.order = conv, order
+
+    def forward(self, x):
+        return x + self.conv(x) if self.order == "x+f" else torch.add(self.conv(x), x)
+
+
+@pytest.mark.parametrize("order", ["x+f", "f+x"])
+@pytest.mark.parametrize(
+    "conv,shape",
+    [
+        (nn.Conv2d(4, 4, 3, padding=1), (2, 4, 7, 6)),
+        (nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), (2, 4, 7, 6)),
+        (nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2), (2, 4, 9, 9)),
+        (nn.Conv1d(3, 3, 5, padding=2), (2, 3, 11)),
+        (nn.Linear(5, 5), (3, 5)),
+    ],
+)
+def test_identity_residual_rule_4(conv, shape, order):
+    res = check_equivalent(lambda: FuseLinear(), Residual(conv, order), torch.randn(*shape))
+    assert n_linear_ops(res.graph_module) == 1 and "add" not in op_types(res.graph_module)
+
+
+def test_residual_through_another_op_is_not_fused():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return x + torch.flip(self.conv(x), dims=[3])
+
+    _, res, before, _ = apply(FuseLinear(), M(), torch.randn(1, 4, 5, 5))
+    assert not res.modified and res.graph_module.code == before
+
+
+def test_residual_broadcast_is_refused():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3)  # 5x5 -> 3x3: shapes differ from x
+
+        def forward(self, x):
+            return self.conv(x) + x[..., :3, :3]
+
+    _, res, before, _ = apply(FuseLinear(), M(), torch.randn(1, 1, 5, 5))
+    assert not res.modified
+
+
+class Parallel(nn.Module):
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+@pytest.mark.parametrize(
+    "a,b,shape",
+    [
+        (nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 1), (2, 4, 8, 9)),  # RepVGG-style
+        (nn.Conv2d(4, 6, 3, padding=1, stride=2), nn.Conv2d(4, 6, 1, stride=2, bias=False), (2, 4, 9, 9)),
+        (nn.Conv2d(4, 4, 5, padding=2, groups=4), nn.Conv2d(4, 4, 3, padding=1, groups=4), (1, 4, 9, 9)),
+        (nn.Conv2d(4, 6, 3, padding=2, dilation=2), nn.Conv2d(4, 6, 3, padding=1), (1, 4, 10, 9)),
+        (nn.Conv1d(3, 5, 3, padding=1), nn.Conv1d(3, 5, 5, padding=2), (2, 3, 12)),
+        (nn.Linear(4, 6), nn.Linear(4, 6, bias=False), (3, 4)),
+    ],
+)
+def test_parallel_branches(a, b, shape):
+    res = check_equivalent(lambda: FuseLinear(allow_flop_increase=True), Parallel(a, b), torch.randn(*shape))
+    assert n_linear_ops(res.graph_module) == 1
+
+
+def test_misaligned_parallel_branches_are_refused():
+    # 4x4/pad 1 and 1x1/pad 0 at stride 2 agree in shape on 8x8 inputs but not on 9x9 ones
+    model = Parallel(nn.Conv2d(3, 4, 4, padding=1, stride=2), nn.Conv2d(3, 4, 1, stride=2))
+    assert model.a(torch.randn(1, 3, 9, 9)).shape != model.b(torch.randn(1, 3, 9, 9)).shape
+    _, res, before, _ = apply(FuseLinear(allow_flop_increase=True), model, torch.randn(1, 3, 8, 8))
+    assert not res.modified and res.graph_module.code == before
+    assert any("not aligned" in n.reason for n in res.notes)
+
+
+def test_three_branches_and_identity_reach_one_op():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(4, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 1)
+            self.c = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x) + self.c(x) + x
+
+    model = M().double().eval()
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    small = fxexpand.contract(model, (x,), target="deploy")
+    assert n_linear_ops(small) == 1
+    assert max_rel(model, small, x) <= 1e-10
+
+
+# -- property test over random conv chains -----------------------------------------------------
+@st.composite
+def conv_pair(draw):
+    nd = draw(st.sampled_from([1, 2]))
+    cin = draw(st.integers(1, 4))
+    g1 = draw(st.sampled_from(["1", "2", "dw"]))
+    mult = draw(st.integers(1, 3))
+
+    def groups(kind, cin_, cout_hint):
+        if kind == "dw":
+            return cin_, cin_ * mult
+        if kind == "2" and cin_ % 2 == 0:
+            return 2, 2 * cout_hint
+        return 1, cout_hint
+
+    cin = cin * 2
+    g1v, c1 = groups(g1, cin, draw(st.integers(1, 4)))
+    g2v, c2 = groups(draw(st.sampled_from(["1", "2", "dw"])), c1, draw(st.integers(1, 4)))
+
+    def geom():
+        k = tuple(draw(st.integers(1, 4)) for _ in range(nd))
+        s = tuple(draw(st.integers(1, 2)) for _ in range(nd))
+        d = tuple(draw(st.integers(1, 2)) for _ in range(nd))
+        return k, s, d
+
+    k1, s1, d1 = geom()
+    k2, s2, d2 = geom()
+    p1 = tuple(draw(st.integers(0, k)) for k in k1)
+    first = CONV[nd](cin, c1, k1, stride=s1, padding=p1, dilation=d1, groups=g1v, bias=draw(st.booleans()))
+    pointwise = all(k == 1 for k in k1) and all(s == 1 for s in s1) and not any(p1) and first.bias is None
+    p2 = tuple(draw(st.integers(0, k)) for k in k2) if pointwise else (0,) * nd
+    second = CONV[nd](c1, c2, k2, stride=s2, padding=p2, dilation=d2, groups=g2v, bias=draw(st.booleans()))
+    size = tuple(draw(st.integers(16, 24)) for _ in range(nd))
+    return nn.Sequential(first, second), (2, cin) + size
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_pair())
+def test_property_random_conv_chains_fuse_exactly(case):
+    model, shape = case
+    res = check_equivalent(lambda: FuseLinear(allow_flop_increase=True), model, torch.randn(*shape))
+    assert n_linear_ops(res.graph_module) == 1
