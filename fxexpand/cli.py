@@ -21,8 +21,11 @@ EXIT_INTERNAL = 1
 
 
 def _shape(text: str) -> list[int]:
+    import re
+
+    parts = re.split(r"[,x]", text.strip())
     try:
-        dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
+        dims = [int(d) for d in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"input shape must be integers like 1,3,224,224, got {text!r}") from None
     if not dims or any(d <= 0 for d in dims):

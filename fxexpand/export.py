@@ -49,7 +49,7 @@ def _torch_export(model: nn.Module, inputs: tuple, path: str, opset: int | None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
-            torch.onnx.export(model, inputs, path, dynamo=True, external_data=False, **kwargs)
+            torch.onnx.export(model, inputs, path, dynamo=True, external_data=False, verbose=False, **kwargs)
         else:
             torch.onnx.export(model, inputs, path, dynamo=False, **kwargs)
 

@@ -163,7 +163,7 @@ def load_file(path: str | os.PathLike, *, allow: Iterable[str] = (), trust_pickl
         obj = torch.load(p, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         msg = str(e)
-        if "Weights only load failed" not in msg and "Unsupported global" not in msg:
+        if "Unsupported global" not in msg:
             raise LoadError(f"{p} is not a readable model file (corrupt or truncated?): {_short(msg)}") from e
         if not trust_pickle:
             raise LoadError(
