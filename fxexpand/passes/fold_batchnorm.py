@@ -71,6 +71,8 @@ class FoldBatchNormPass(Pass):
         gm = graph_module
         notes = []
         modified = False
+        # counted once per call: folding only removes uses, so stale counts are conservative
+        self._calls, self._uses = module_call_counts(gm), attr_use_counts(gm)
         for node in list(gm.graph.nodes):
             if node.graph is not gm.graph:
                 continue
@@ -109,10 +111,10 @@ class FoldBatchNormPass(Pass):
             return reason or "-"  # "-": the BN does not follow a conv/linear; nothing to report
         if len(prev.users) != 1:
             return f"the output of {node_label(prev)} has other users besides the batch norm"
-        if prev.op == "call_module" and module_call_counts(gm)[prev.target] > 1:
-            return f"module {prev.target} is called from {module_call_counts(gm)[prev.target]} places (rule 7)"
+        if prev.op == "call_module" and self._calls[prev.target] > 1:
+            return f"module {prev.target} is called from {self._calls[prev.target]} places (rule 7)"
         if prev.op == "call_function":
-            uses = attr_use_counts(gm)
+            uses = self._uses
             shared = [a for a in linear_param_names(prev) if uses[a] > 1]
             if shared:
                 return f"parameters {shared} are shared with other ops"

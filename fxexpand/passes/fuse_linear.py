@@ -99,10 +99,12 @@ class FuseLinearPass(Pass):
         gm = graph_module
         notes = []
         modified = False
+        # counted once per call: fusions only remove uses, so stale counts are conservative
+        # (a site they block is picked up by the next fixed-point round)
+        calls, uses = module_call_counts(gm), attr_use_counts(gm)
         for node in list(gm.graph.nodes):
             if node.graph is not gm.graph or node.op == "output":
                 continue
-            calls, uses = module_call_counts(gm), attr_use_counts(gm)
             if is_add(node):
                 done, note = self._try_add(gm, node, calls, uses)
             else:
