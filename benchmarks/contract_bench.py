@@ -10,7 +10,8 @@ parameters randomised so that folding is not an identity), with a 1x3x224x224 in
 2. Wall time of ``fxexpand.contract()`` with ``verify=True`` and ``verify=False`` next to
    ``torch.fx.symbolic_trace(model)`` + ``torch.fx.experimental.optimization.fuse(traced)``:
    one warm-up round, then ``--repeats`` rounds, the three measured alternately (order rotated each
-   round); medians and ratios to the fx baseline.
+   round); medians and ratios to the fx baseline. torch runs with ``--torch-threads`` intra-op
+   threads (default 1).
 3. Parameter count and FLOPs (:func:`fxexpand.count_parameters`, :func:`fxexpand.count_flops`) of the
    input and contracted models, plus the node count of both ONNX files.
 
@@ -19,7 +20,7 @@ and ``<out-dir>/contract_bench.md``.
 
 Usage::
 
-    python benchmarks/contract_bench.py                 # full default run (a few minutes on 2 cores)
+    python benchmarks/contract_bench.py                 # full default run (~2-3 minutes on 2 cores)
     python benchmarks/contract_bench.py --quick         # smoke test
     python benchmarks/contract_bench.py --models resnet18 --runs 300 --threads 1 2 4
 """
@@ -55,6 +56,8 @@ DEFAULT_MODELS = ("mobilenet_v2", "resnet18")
 INPUT_SHAPE = (1, 3, 224, 224)
 
 console = Console(highlight=False)
+if not console.is_terminal:  # logs and pipes: wide enough for the tables
+    console = Console(highlight=False, width=200)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,14 +75,21 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or None
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
     except Exception:
         return None
+
+
+def _git_commit() -> str | None:
+    """Short HEAD commit, with "+dirty" when fxexpand/ has uncommitted changes."""
+    head = _git("rev-parse", "--short", "HEAD")
+    if head and _git("status", "--porcelain", "--untracked-files=no", "--", "fxexpand"):
+        head += "+dirty"
+    return head or None
 
 
 def machine_info() -> dict[str, Any]:
@@ -99,14 +109,25 @@ def machine_info() -> dict[str, Any]:
         "git_commit": _git_commit(),
         "torch_num_threads": torch.get_num_threads(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_start": _loadavg(),
     }
+
+
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages (other processes competing for the CPUs skew every timing)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def machine_line(m: dict[str, Any]) -> str:
     return (f"{m['cpu_model']} ({m['cpu_count']} logical CPUs), {m['platform']}, Python {m['python']}, "
             f"torch {m['torch']}, torchvision {m['torchvision']}, onnxruntime {m['onnxruntime']}, "
             f"torch threads {m['torch_num_threads']}, fxexpand {m['fxexpand']}"
-            + (f" @ {m['git_commit']}" if m.get("git_commit") else "") + f", {m['date']}")
+            + (f" @ {m['git_commit']}" if m.get("git_commit") else "") + f", {m['date']}"
+            + (f", load average at start {'/'.join(map(str, m['loadavg_start']))}" if m.get("loadavg_start") else "")
+            + (f", at end {'/'.join(map(str, m['loadavg_end']))}" if m.get("loadavg_end") else ""))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,6 +269,7 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict[str,
         console.log(f"  median {s_in.median_ms:.2f} -> {s_c.median_ms:.2f} ms (x{row['ratio_median']:.3f}), "
                     f"p90 {s_in.p90_ms:.2f} -> {s_c.p90_ms:.2f} ms (x{row['ratio_p90']:.3f})")
     res["model_wall_s"] = time.perf_counter() - t_model
+    res["loadavg_end"] = _loadavg()
     return res
 
 
@@ -273,28 +295,36 @@ def table_rows(results: list[dict[str, Any]]) -> dict[str, tuple[list[str], list
     ct_head = ["Model", "contract verify=True (s)", "contract verify=False (s)", "fx trace+fuse (s)",
                "Ratio verify=True / fx", "Ratio verify=False / fx"]
     ct = []
+
+    def cell(c: dict, k: str) -> str:  # median (min-max)
+        return f"{c['median'][k]:.2f} ({min(c['all'][k]):.2f}-{max(c['all'][k]):.2f})"
+
     for r in ok:
         c = r["compile_time_s"]
-        ct.append([r["model"], f"{c['median']['contract_verify']:.2f}", f"{c['median']['contract_noverify']:.2f}",
-                   f"{c['median']['fx_trace_fuse']:.3f}", f"{c['ratio_to_fx_fuse']['contract_verify']:.1f}",
+        ct.append([r["model"], cell(c, "contract_verify"), cell(c, "contract_noverify"), cell(c, "fx_trace_fuse"),
+                   f"{c['ratio_to_fx_fuse']['contract_verify']:.1f}",
                    f"{c['ratio_to_fx_fuse']['contract_noverify']:.1f}"])
     sz_head = ["Model", "Params input", "Params contracted", "FLOPs input", "FLOPs contracted",
-               "BN folded", "ONNX nodes input", "ONNX nodes contracted"]
+               "BN folded", "ONNX nodes input", "ONNX nodes contracted", "ONNX BatchNormalization input",
+               "Same ONNX op counts"]
     sz = [[r["model"], _m(r["params"]["input"]), _m(r["params"]["contracted"]), _g(r["flops"]["input"]),
            _g(r["flops"]["contracted"]), str(r["contract_report"]["folded"]), str(r["onnx"]["input"]["nodes"]),
-           str(r["onnx"]["contracted"]["nodes"])] for r in ok]
+           str(r["onnx"]["contracted"]["nodes"]), str(r["onnx"]["input"]["ops"].get("BatchNormalization", 0)),
+           "yes" if r["onnx"]["input"]["ops"] == r["onnx"]["contracted"]["ops"] else "no"] for r in ok]
     return {"latency": (lat_head, lat), "compile": (ct_head, ct), "size": (sz_head, sz)}
 
 
 TITLES = {
     "latency": "onnxruntime latency, input vs contracted (ratio = contracted / input; < 1 is faster)",
-    "compile": "Compile wall time, medians (ratio = time / fx symbolic_trace+fuse)",
+    "compile": "Compile wall time, median (min-max) over the rounds (ratio = median / fx symbolic_trace+fuse median)",
     "size": "Size and cost (FLOPs as counted by torch FlopCounterMode: conv/matmul only)",
 }
 
 
 def print_tables(results: list[dict[str, Any]]) -> None:
     for key, (head, rows) in table_rows(results).items():
+        if not rows:
+            continue
         t = Table(title=TITLES[key], title_justify="left")
         for i, h in enumerate(head):
             t.add_column(h, justify="left" if i == 0 else "right")
@@ -320,6 +350,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
     ]
     for key, (head, rows) in table_rows(doc["results"]).items():
+        if not rows:
+            continue
         lines += [f"**{TITLES[key]}**", "",
                   "| " + " | ".join(head) + " |",
                   "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
@@ -338,28 +370,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="torchvision model names")
-    p.add_argument("--runs", type=int, default=None, help="timed onnxruntime runs per model (default 200; 10 with --quick)")
+    p.add_argument("--runs", type=int, default=None, help="timed onnxruntime runs per model (default 300; 10 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed onnxruntime runs per model (default 20; 2 with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="timed compile rounds (default 5; 1 with --quick)")
     p.add_argument("--compile-warmup", type=int, default=1, help="untimed compile rounds first (default 1)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="onnxruntime intra-op thread counts")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch.set_num_threads for everything torch does here, in particular the compile-time "
+                        "measurement (default 1: on a small shared machine torch's OpenMP threads suffer badly "
+                        "from oversubscription; 0 keeps torch's own default)")
     p.add_argument("--quick", action="store_true", help="few runs, for smoke testing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     a = p.parse_args(argv)
-    a.runs = a.runs if a.runs is not None else (10 if a.quick else 200)
+    a.runs = a.runs if a.runs is not None else (10 if a.quick else 300)
     a.warmup = a.warmup if a.warmup is not None else (2 if a.quick else 20)
     a.repeats = a.repeats if a.repeats is not None else (1 if a.quick else 5)
-    if min(a.runs, a.repeats, *a.threads) < 1 or a.warmup < 0 or a.compile_warmup < 0:
-        p.error("--runs, --repeats and --threads must be >= 1; --warmup and --compile-warmup >= 0")
+    if min(a.runs, a.repeats, *a.threads) < 1 or min(a.warmup, a.compile_warmup, a.torch_threads) < 0:
+        p.error("--runs, --repeats and --threads must be >= 1; --warmup, --compile-warmup, --torch-threads >= 0")
     return a
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     machine = machine_info()
     console.print(f"[bold]fxexpand contract benchmark[/]  {machine_line(machine)}")
+    load = machine["loadavg_start"]
+    if load is not None and load[0] > 0.5 * (os.cpu_count() or 1):
+        console.print(f"[yellow]warning: 1-minute load average is {load[0]:.2f} on {os.cpu_count()} CPUs; "
+                      "other processes will skew the timings[/]")
     results = []
     with tempfile.TemporaryDirectory(prefix="fxexpand_bench_") as tmp:
         for name in args.models:
@@ -373,10 +415,12 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "config": {"models": args.models, "runs": args.runs, "warmup": args.warmup, "repeats": args.repeats,
                    "compile_warmup": args.compile_warmup, "threads": args.threads, "quick": args.quick,
+                   "torch_threads": torch.get_num_threads(),
                    "seed": args.seed, "input_shape": list(INPUT_SHAPE), "contract_target": "deploy"},
         "results": results,
         "wall_s": time.perf_counter() - t_start,
     }
+    machine["loadavg_end"] = _loadavg()
     console.rule("results")
     print_tables(results)
     args.out_dir.mkdir(parents=True, exist_ok=True)
