@@ -24,12 +24,15 @@ from .infra import Note, Pass, PassManager, PassResult, build_pass, get_pass, re
 from .io import build_model, load, register_factory, save
 from .modules import DecayActivation
 from .provenance import ExpandedRegion
+from . import recipes
+from .schedule import LinearDecay, get_decay, set_decay
 from .trace import trace
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "recipes", "LinearDecay", "set_decay", "get_decay",
     "trace", "compile", "contract", "verify", "export_onnx", "benchmark_onnx", "compare_onnx",
     "save", "load", "build_model", "register_factory", "count_flops", "count_parameters",
     "Pass", "PassResult", "PassManager", "Note", "register_pass", "registered_passes", "get_pass", "build_pass",

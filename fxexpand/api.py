@@ -107,8 +107,40 @@ def compile(  # noqa: A001 - mirrors torch.compile's name on purpose
     out = result.graph_module
     out.recompile()
     out.train(training)
-    out.fxexpand_notes = list(result.notes)
+    out.fxexpand_notes = list(result.notes) + list(getattr(model, "fxexpand_notes", []))
+    out._fxexpand_factory = getattr(model, "_fxexpand_factory", None)
+    out._fxexpand_recipe = list(getattr(model, "_fxexpand_recipe", [])) + [_pass_spec(p) for p in pass_objs]
     return out
+
+
+def _pass_spec(p: Pass) -> tuple[str, dict] | None:
+    """(registered name, plain keyword arguments) of a pass, or None if it cannot be recorded."""
+    import dataclasses
+
+    name = getattr(type(p), "registered_name", "")
+    if not name or not dataclasses.is_dataclass(p):
+        return None
+    kwargs = {}
+    for f in dataclasses.fields(p):
+        if not f.init:
+            continue
+        v = getattr(p, f.name)
+        if isinstance(v, tuple):
+            v = list(v)
+        if not _plain(v):
+            return None
+        kwargs[f.name] = v
+    return name, kwargs
+
+
+def _plain(v: Any) -> bool:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, list):
+        return all(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x) for k, x in v.items())
+    return False
 
 
 def contract(
@@ -148,6 +180,7 @@ def contract(
     if not isinstance(model, nn.Module):
         raise TypeError(f"contract expects an nn.Module, got {type(model).__name__}")
     inputs = _as_tuple(example_inputs)
+    _refuse_undecayed(model)
     opts = dict(target=target, leaf_modules=tuple(leaf_modules), concrete_args=concrete_args,
                 extra_passes=extra_passes, verify_each=verify_each, rtol=rtol, atol=atol)
     out, notes = _contract_once(copy.deepcopy(model), inputs, **opts)
@@ -187,11 +220,40 @@ def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, conc
                      rtol=rtol, atol=atol)
     result = pm(gm)
     out = result.graph_module
+    notes = list(result.notes)
+    if target == "original":
+        from .passes import RestoreOriginalPass
+
+        restore = PassManager(passes=[RestoreOriginalPass()], verify_each=verify_each, example_inputs=inputs,
+                              rtol=rtol, atol=atol)(out)
+        out = restore.graph_module
+        notes += restore.notes
     out.graph.eliminate_dead_code()
     out.recompile()
     out.delete_all_unused_submodules()
     out.eval()
-    return out, result.notes
+    return out, notes
+
+
+def _refuse_undecayed(model: nn.Module) -> None:
+    """Rule 6: a decaying activation inside an expanded region must be at alpha == 1 exactly."""
+    from .modules import DecayActivation
+    from .provenance import find_regions
+
+    regions = find_regions(model)
+    bad = []
+    for name, m in model.named_modules():
+        if isinstance(m, DecayActivation) and not m.is_identity:
+            if any(name.startswith(r + ".") for r in regions):
+                bad.append(f"{name} (alpha={float(m.alpha):.6g})")
+    if bad:
+        from .errors import ContractionError
+
+        raise ContractionError(
+            f"cannot contract: {len(bad)} decaying activation(s) are not linear yet: {', '.join(bad[:8])}"
+            + (" ..." if len(bad) > 8 else "")
+            + ". Finish the decay schedule (LinearDecay) or call fxexpand.set_decay(model, 1.0) first."
+        )
 
 
 def _dedupe(notes: list[Note]) -> list[Note]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["DecayActivation"]
+__all__ = ["DecayActivation", "Residual"]
 
 _KINDS = ("leaky", "blend")
 
@@ -41,6 +41,8 @@ class DecayActivation(nn.Module):
         self.activation = activation
         self.kind = kind
         self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32))
+        # the schedule's global step (an integer, so every process and a resumed run agree)
+        self.register_buffer("decay_step", torch.tensor(0, dtype=torch.int64))
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, alpha={float(self.alpha):.4g}"
@@ -63,3 +65,14 @@ class DecayActivation(nn.Module):
         if isinstance(act, nn.ReLU6):
             y = y - (1 - a) * torch.relu(y - 6)
         return y
+
+
+class Residual(nn.Module):
+    """``x + body(x)``: the identity shortcut around an expanded block."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)

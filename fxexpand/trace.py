@@ -94,8 +94,6 @@ def trace(
     Raises:
         TraceError: if torch.fx cannot trace the model; the message names the module and the line.
     """
-    if isinstance(model, fx.GraphModule):
-        return model
     if not isinstance(model, nn.Module):
         raise TraceError(f"fxexpand.trace expects a torch.nn.Module, got {type(model).__name__}")
     leaf_modules = tuple(leaf_modules)
@@ -133,5 +131,8 @@ def trace(
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     # a cache (gm.meta is not pickled): regions traced through, for scope="expanded" passes
-    gm.meta["fxexpand_regions"] = tuple(find_regions(model)) if inline_regions else ()
+    gm.meta["fxexpand_regions"] = (
+        {name: (r.original_type, dict(r.original_config)) for name, r in find_regions(model).items()}
+        if inline_regions else {}
+    )
     return gm

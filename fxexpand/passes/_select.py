@@ -1,0 +1,189 @@
+"""Target selection shared by the expansion passes.
+
+An expansion target is a ``call_module`` node of an ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Linear``
+called from exactly one place (rule 7). Selection modes (the ``targets`` argument):
+
+* ``None``: an evenly spaced ``fraction`` of the eligible layers, in execution order;
+* ``"blocks"``: NetBooster's setting — an evenly spaced ``fraction`` of the model's repeated
+  blocks (torchvision ``InvertedResidual`` / MnasNet ``_InvertedResidual`` / EfficientNet
+  ``MBConv`` / ResNet ``Bottleneck`` and ``BasicBlock`` / ShuffleNet ``InvertedResidual``, or any
+  module whose class name ends in ``Block``), and in each the first eligible layer;
+* a list of qualified names (each must be eligible, else an error says why);
+* a predicate ``fn(name, module) -> bool`` over eligible layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import PassError
+from ..graph import get_module, module_call_counts
+from ..provenance import ExpandedRegion
+
+BLOCK_TYPES = {"InvertedResidual", "_InvertedResidual", "MBConv", "FusedMBConv", "Bottleneck", "BasicBlock"}
+
+ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.ELU,
+                      nn.Hardtanh, nn.Sigmoid, nn.Tanh)
+_FUNC_ACT = {F.relu: nn.ReLU, F.relu6: nn.ReLU6, F.silu: nn.SiLU, F.gelu: nn.GELU, F.hardswish: nn.Hardswish,
+             F.leaky_relu: nn.LeakyReLU, F.mish: nn.Mish, F.elu: nn.ELU}
+
+
+def evenly_spaced(n: int, fraction: float) -> list[int]:
+    """Indices of an evenly spaced ``fraction`` of ``n`` items (always including the first)."""
+    if n == 0 or fraction <= 0:
+        return []
+    m = min(n, max(1, round(fraction * n)))
+    return sorted({math.floor(i * n / m) for i in range(m)})
+
+
+def _block_of(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    block = None
+    for key, val in stack.items():
+        path, cls = (val if isinstance(val, tuple) else (key, val))
+        name = getattr(cls, "__name__", str(cls))
+        if name in BLOCK_TYPES or name.endswith("Block"):
+            block = path  # innermost wins
+    return block
+
+
+def select_targets(
+    gm: fx.GraphModule,
+    *,
+    targets: Any,
+    fraction: float,
+    eligible: Callable[[str, nn.Module], str],
+    pass_name: str,
+) -> tuple[list[fx.Node], list[tuple[str, str]]]:
+    """Choose target nodes; returns ``(chosen, skipped)`` with ``skipped`` = [(name, reason)].
+
+    ``eligible(name, module)`` returns "" if the layer can be expanded, else the reason it cannot.
+    """
+    calls = module_call_counts(gm)
+    candidates: list[fx.Node] = []
+    skipped: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in seen:
+            continue
+        seen.add(node.target)
+        mod = get_module(gm, node.target)
+        if isinstance(mod, ExpandedRegion):
+            skipped.append((node.target, "already expanded"))
+            continue
+        if not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d)):
+            continue
+        reason = eligible(node.target, mod)
+        if not reason and calls[node.target] > 1:
+            reason = f"called from {calls[node.target]} places (rule 7)"
+        if reason:
+            skipped.append((node.target, reason))
+        else:
+            candidates.append(node)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (F.conv1d, F.conv2d, F.linear):
+            skipped.append((node.name, "functional op: expansion targets are modules"))
+
+    if targets is None:
+        idx = evenly_spaced(len(candidates), fraction)
+        chosen = [candidates[i] for i in idx]
+        chosen_set = set(chosen)
+        skipped += [(n.target, f"not among the evenly spaced fraction={fraction}") for n in candidates
+                    if n not in chosen_set]
+        return chosen, skipped
+    if targets == "blocks":
+        blocks: dict[str, fx.Node] = {}
+        for n in candidates:
+            b = _block_of(n)
+            if b is not None and b not in blocks:
+                blocks[b] = n
+        names = list(blocks)
+        idx = set(evenly_spaced(len(names), fraction))
+        chosen = [blocks[names[i]] for i in sorted(idx)]
+        chosen_set = set(chosen)
+        for n in candidates:
+            if n not in chosen_set:
+                b = _block_of(n)
+                why = ("not inside a repeated block" if b is None else
+                       "not the first eligible layer of its block" if blocks.get(b) is not n else
+                       f"its block is not among the evenly spaced fraction={fraction} of blocks")
+                skipped.append((n.target, why))
+        return chosen, skipped
+    if callable(targets):
+        chosen = [n for n in candidates if targets(n.target, get_module(gm, n.target))]
+        skipped += [(n.target, "rejected by the targets predicate") for n in candidates if n not in chosen]
+        return chosen, skipped
+    if isinstance(targets, (list, tuple, set, frozenset)):
+        wanted = list(targets)
+        by_name = {n.target: n for n in candidates}
+        reasons = dict(skipped)
+        bad = [f"{t} ({reasons.get(t, 'no such conv/linear module in the traced graph')})"
+               for t in wanted if t not in by_name]
+        if bad:
+            raise PassError(f"{pass_name}: cannot expand {', '.join(bad)}")
+        chosen = [n for n in candidates if n.target in set(wanted)]
+        skipped += [(n.target, "not listed in targets") for n in candidates if n.target not in set(wanted)]
+        return chosen, skipped
+    raise TypeError(f"{pass_name}: targets must be None, 'blocks', a list of names or a predicate, got {targets!r}")
+
+
+def activation_near(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
+    """The activation the model uses next to ``node`` (after it, skipping one BN; else before it)."""
+
+    def as_act(n: fx.Node) -> nn.Module | None:
+        if n.op == "call_module":
+            m = get_module(gm, n.target)
+            if isinstance(m, ACTIVATION_MODULES):
+                return type(m)(**_act_kwargs(m))
+        if n.op == "call_function" and n.target in _FUNC_ACT:
+            return _FUNC_ACT[n.target]()
+        if n.op == "call_function" and n.target in (F.hardtanh,) :
+            return nn.ReLU6()
+        return None
+
+    cur = node
+    for _ in range(2):  # the op after the target, or after its BN
+        users = list(cur.users)
+        if len(users) != 1:
+            break
+        cur = users[0]
+        act = as_act(cur)
+        if act is not None:
+            return act
+    prev = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    for _ in range(2):
+        if prev is None:
+            break
+        act = as_act(prev)
+        if act is not None:
+            return act
+        prev = prev.args[0] if prev.args and isinstance(prev.args[0], fx.Node) else None
+    return nn.ReLU()
+
+
+def _act_kwargs(m: nn.Module) -> dict:
+    if isinstance(m, nn.LeakyReLU):
+        return {"negative_slope": m.negative_slope}
+    if isinstance(m, nn.GELU):
+        return {"approximate": m.approximate}
+    if isinstance(m, nn.ELU):
+        return {"alpha": m.alpha}
+    if isinstance(m, nn.Hardtanh) and not isinstance(m, nn.ReLU6):
+        return {"min_val": m.min_val, "max_val": m.max_val}
+    return {}
+
+
+def install(gm: fx.GraphModule, name: str, region: nn.Module) -> None:
+    """Put ``region`` at ``name`` (the call_module node keeps its target)."""
+    from ..graph import set_module
+
+    set_module(gm, name, region)
+
+
+def names(nodes: Iterable[fx.Node]) -> list[str]:
+    return [n.target for n in nodes]
