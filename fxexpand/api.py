@@ -109,6 +109,8 @@ def compile(  # noqa: A001 - mirrors torch.compile's name on purpose
     out.train(training)
     out.fxexpand_notes = list(result.notes) + list(getattr(model, "fxexpand_notes", []))
     out._fxexpand_factory = getattr(model, "_fxexpand_factory", None)
+    # state_dict metadata: models such as MNASNet read the root's version when loading
+    out._version = getattr(model, "_version", 1)
     out._fxexpand_recipe = list(getattr(model, "_fxexpand_recipe", [])) + [_pass_spec(p) for p in pass_objs]
     return out
 
@@ -195,6 +197,7 @@ def contract(
             out64, _ = _contract_once(copy.deepcopy(model).double(), inputs64, **opts)
         report.verification = _verify(model, out, inputs, rtol=rtol, atol=atol, trials=trials, candidate64=out64)
     out.fxexpand_report = report
+    out._version = getattr(model, "_version", 1)
     logger.info("contract: %s", report.summary())
     return out
 

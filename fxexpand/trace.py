@@ -58,6 +58,20 @@ class _FxExpandTracer(fx.Tracer):
             raise
 
 
+def _mode_dependent_types() -> tuple[type, ...]:
+    """Modules whose forward reads ``self.training`` inside a *functional* call.
+
+    Traced through, torch.fx would bake the training flag of the moment into the graph (e.g.
+    ``stochastic_depth(x, p, mode, True)``), so a compiled model would keep dropping paths in eval
+    mode. Kept as leaf calls they follow ``.train()`` / ``.eval()``.
+    """
+    try:
+        from torchvision.ops import StochasticDepth
+    except Exception:  # torchvision missing or broken
+        return ()
+    return (StochasticDepth,)
+
+
 def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
     """The last traceback frame outside torch and fxexpand: the line of user code that failed."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -103,7 +117,7 @@ def trace(
     from .modules import DecayActivation
     from .provenance import ExpandedRegion, find_regions
 
-    leaf_types = tuple(x for x in leaf_modules if isinstance(x, type)) + (DecayActivation,)
+    leaf_types = tuple(x for x in leaf_modules if isinstance(x, type)) + (DecayActivation,) + _mode_dependent_types()
     if not inline_regions:
         leaf_types += (ExpandedRegion,)
     leaf_names = frozenset(x for x in leaf_modules if isinstance(x, str))

@@ -4,7 +4,8 @@ Pattern → rewrite (``y = op(x)`` → uses of ``y`` become uses of ``x``):
 
 * ``nn.Identity`` modules;
 * dropout in eval mode: ``nn.Dropout*`` / ``nn.AlphaDropout`` modules with ``training=False`` and
-  ``F.dropout*(..., training=False)`` calls (the flag is a constant in a traced graph);
+  ``F.dropout*(..., training=False)`` calls (the flag is a constant in a traced graph); torchvision's
+  ``StochasticDepth`` in eval mode;
 * :class:`~fxexpand.modules.DecayActivation` whose ``alpha`` is exactly 1 (rule 6: at alpha < 1 the
   activation is still non-linear and is kept, with a note).
 """
@@ -79,6 +80,10 @@ class RemoveIdentityPass(Pass):
                 return True, "nn.Identity"
             if isinstance(mod, _DROPOUT_MODULES):
                 return (False, "dropout in training mode") if mod.training else (True, "eval-mode dropout")
+            if type(mod).__name__ == "StochasticDepth" and type(mod).__module__.startswith("torchvision"):
+                if mod.training and mod.p > 0:
+                    return False, "stochastic depth in training mode"
+                return True, "eval-mode stochastic depth"
             if isinstance(mod, DecayActivation):
                 a = float(mod.alpha)
                 if mod.is_identity:
