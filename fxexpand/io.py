@@ -8,7 +8,8 @@ with ``torch.load(weights_only=True)``: no code runs while reading it.
 is on the allow-list:
 
 * ``torchvision:<builder>`` for every torchvision model builder (built with ``weights=None``;
-  the weights come from the file);
+  the weights come from the file), and ``fxexpand:<model>`` for fxexpand's own models
+  (:mod:`fxexpand.models`);
 * names registered in this process with :func:`register_factory`;
 * names passed in ``allow=`` (the CLI's ``--allow-factory module:function``), which the user
   thereby allows fxexpand to import.
@@ -49,7 +50,7 @@ def register_factory(name: str, fn: Callable[..., nn.Module]) -> None:
 
 
 def allowed_factories() -> list[str]:
-    return sorted(_FACTORIES) + ["torchvision:<any model builder>"]
+    return sorted(_FACTORIES) + ["torchvision:<any model builder>", "fxexpand:SmallNet"]
 
 
 def _torchvision_builder(name: str) -> Callable[..., nn.Module] | None:
@@ -67,6 +68,13 @@ def _resolve(name: str, allow: Iterable[str]) -> Callable[..., nn.Module]:
     if name in _FACTORIES:
         return _FACTORIES[name]
     pkg, fn = name.split(":")
+    if pkg == "fxexpand":
+        from . import models as _models
+
+        obj = getattr(_models, fn, None)
+        if fn not in _models.__all__ or obj is None:
+            raise LoadError(f"fxexpand has no built-in model {fn!r}; built-ins: {', '.join(_models.__all__)}")
+        return obj
     if pkg == "torchvision":
         builder = _torchvision_builder(fn)
         if builder is None:

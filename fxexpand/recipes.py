@@ -9,10 +9,11 @@ from .passes import DecayActivations, InsertInvertedResidual, LinearExpand
 __all__ = ["netbooster", "expandnets", "get_recipe", "RECIPES"]
 
 
-def netbooster(ratio: int = 6, fraction: float = 0.5, kernel_size: Any = 1, targets: Any = "blocks") -> list:
+def netbooster(ratio: int = 6, fraction: float = 0.5, kernel_size: Any = "auto", targets: Any = "blocks") -> list:
     """NetBooster: inverted residual blocks (×6) in place of the first pointwise conv of every other
-    repeated block, with decayable (leaky) activations for Progressive Linearization Tuning.
-    Use ``kernel_size="match"`` for models without pointwise convs in their blocks (ResNet-18)."""
+    repeated block (the block's first conv, with a matching depthwise kernel, when it has no
+    pointwise conv, as for ResNet-18), with decayable activations for Progressive Linearization
+    Tuning (leaky for ReLU-family activations, blend otherwise)."""
     return [InsertInvertedResidual(ratio=ratio, fraction=fraction, kernel_size=kernel_size, targets=targets),
             DecayActivations(kind="auto")]
 

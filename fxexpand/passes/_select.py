@@ -7,7 +7,8 @@ called from exactly one place (rule 7). Selection modes (the ``targets`` argumen
 * ``"blocks"``: NetBooster's setting — an evenly spaced ``fraction`` of the model's repeated
   blocks (torchvision ``InvertedResidual`` / MnasNet ``_InvertedResidual`` / EfficientNet
   ``MBConv`` / ResNet ``Bottleneck`` and ``BasicBlock`` / ShuffleNet ``InvertedResidual``, or any
-  module whose class name ends in ``Block``), and in each the first eligible layer;
+  module whose class name ends in ``Block``), and in each the first eligible layer (the first
+  pointwise one if asked to prefer those); a model without such blocks falls back to ``None``;
 * a list of qualified names (each must be eligible, else an error says why);
 * a predicate ``fn(name, module) -> bool`` over eligible layers.
 """
@@ -59,6 +60,7 @@ def select_targets(
     fraction: float,
     eligible: Callable[[str, nn.Module], str],
     pass_name: str,
+    prefer_pointwise: bool = False,
 ) -> tuple[list[fx.Node], list[tuple[str, str]]]:
     """Choose target nodes; returns ``(chosen, skipped)`` with ``skipped`` = [(name, reason)].
 
@@ -100,8 +102,15 @@ def select_targets(
         blocks: dict[str, fx.Node] = {}
         for n in candidates:
             b = _block_of(n)
-            if b is not None and b not in blocks:
+            if b is None:
+                continue
+            cur = blocks.get(b)
+            # the first eligible layer of the block, preferring pointwise convs (NetBooster)
+            if cur is None or (prefer_pointwise and not _pointwise(gm, cur) and _pointwise(gm, n)):
                 blocks[b] = n
+        if not blocks:
+            chosen, more = select_targets(gm, targets=None, fraction=fraction, eligible=eligible, pass_name=pass_name)
+            return chosen, more + [("-", "no repeated blocks found: used an evenly spaced fraction of layers")]
         names = list(blocks)
         idx = set(evenly_spaced(len(names), fraction))
         chosen = [blocks[names[i]] for i in sorted(idx)]
@@ -130,6 +139,11 @@ def select_targets(
         skipped += [(n.target, "not listed in targets") for n in candidates if n.target not in set(wanted)]
         return chosen, skipped
     raise TypeError(f"{pass_name}: targets must be None, 'blocks', a list of names or a predicate, got {targets!r}")
+
+
+def _pointwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    m = get_module(gm, node.target)
+    return all(k == 1 for k in getattr(m, "kernel_size", (0,)))
 
 
 def activation_near(gm: fx.GraphModule, node: fx.Node) -> nn.Module:

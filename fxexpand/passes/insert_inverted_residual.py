@@ -47,8 +47,9 @@ class InsertInvertedResidualPass(Pass):
         ratio: expansion ratio R of the hidden width (R·C_in).
         fraction: share of eligible layers (or of blocks, with ``targets="blocks"``) to expand.
         targets: None, "blocks", a list of qualified names, or a predicate ``fn(name, module)``.
-        kernel_size: 1 (expand pointwise convs only; depthwise kernel 1) or "match" (expand any
-            conv; the depthwise conv gets the target's kernel, as in NetBooster's ResNet setting).
+        kernel_size: 1 (expand pointwise convs only; depthwise kernel 1), "match" (expand any
+            conv; the depthwise conv gets the target's kernel, as in NetBooster's ResNet setting) or
+            "auto" ("match", but in each block prefer a pointwise conv when it has one).
         activation: activation class for the block; default: the one the model uses next to the target.
         shortcut: add the identity shortcut where shapes allow.
     """
@@ -66,8 +67,8 @@ class InsertInvertedResidualPass(Pass):
             raise ValueError("ratio must be >= 1")
         if not 0.0 <= self.fraction <= 1.0:
             raise ValueError("fraction must lie in [0, 1]")
-        if self.kernel_size not in (1, "match"):
-            raise ValueError("kernel_size must be 1 or 'match'")
+        if self.kernel_size not in (1, "match", "auto"):
+            raise ValueError("kernel_size must be 1, 'match' or 'auto'")
         if self.activation is not None and not (isinstance(self.activation, type) and issubclass(self.activation, nn.Module)):
             raise TypeError("activation must be an nn.Module class such as torch.nn.ReLU6")
         if isinstance(self.targets, list):
@@ -89,8 +90,8 @@ class InsertInvertedResidualPass(Pass):
         cin, cout, g = conv.in_channels, conv.out_channels, conv.groups
         hidden = self.ratio * cin
         pad = _norm_padding(conv.padding, tuple(conv.kernel_size), tuple(conv.dilation))
-        k = tuple(conv.kernel_size) if self.kernel_size == "match" else (1,) * nd
-        dil = tuple(conv.dilation) if self.kernel_size == "match" else (1,) * nd
+        k = tuple(conv.kernel_size) if self.kernel_size != 1 else (1,) * nd
+        dil = tuple(conv.dilation) if self.kernel_size != 1 else (1,) * nd
         Conv, BN = CONV_TYPES[nd], _BN[nd]
         body = nn.Sequential(
             Conv(cin, hidden, 1, padding=pad, groups=g, bias=False),
@@ -110,7 +111,8 @@ class InsertInvertedResidualPass(Pass):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
         chosen, skipped = select_targets(gm, targets=self.targets, fraction=self.fraction,
-                                         eligible=self._eligible, pass_name=self.name)
+                                         eligible=self._eligible, pass_name=self.name,
+                                         prefer_pointwise=self.kernel_size == "auto")
         notes = [self.note("skipped", name, reason) for name, reason in skipped]
         for node in chosen:
             conv = gm.get_submodule(node.target)
