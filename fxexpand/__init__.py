@@ -25,6 +25,7 @@ from .io import build_model, load, register_factory, save
 from .modules import DecayActivation
 from .provenance import ExpandedRegion
 from . import recipes
+from .report import expansion_report, report_table
 from .schedule import LinearDecay, get_decay, set_decay
 from .trace import trace
 from .verify import VerifyReport, verify
@@ -32,7 +33,7 @@ from .verify import VerifyReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "recipes", "LinearDecay", "set_decay", "get_decay",
+    "recipes", "expansion_report", "report_table", "LinearDecay", "set_decay", "get_decay",
     "trace", "compile", "contract", "verify", "export_onnx", "benchmark_onnx", "compare_onnx",
     "save", "load", "build_model", "register_factory", "count_flops", "count_parameters",
     "Pass", "PassResult", "PassManager", "Note", "register_pass", "registered_passes", "get_pass", "build_pass",

@@ -152,7 +152,7 @@ def contract(
     target: Literal["original", "deploy"] = "original",
     verify: bool = True,  # noqa: A002 - the natural keyword for users
     rtol: float = 1e-4,
-    atol: float = 1e-5,
+    atol: float = 0.0,
     trials: int = 3,
     verify_each: bool = False,
     leaf_modules: Iterable[type | str] = (),

@@ -238,7 +238,7 @@ class PassManager(Pass):
     verify_each: bool = False
     example_inputs: Any = None
     rtol: float = 1e-4
-    atol: float = 1e-5
+    atol: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -27,8 +27,8 @@ __all__ = ["trace"]
 
 logger = logging.getLogger(__name__)
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_OWN_DIR = os.path.dirname(__file__)
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_OWN_DIR = os.path.dirname(__file__) + os.sep
 
 
 class _FxExpandTracer(fx.Tracer):

@@ -129,9 +129,9 @@ def verify(
     example_inputs: Any,
     *,
     rtol: float = 1e-4,
-    atol: float = 1e-5,
+    atol: float = 0.0,
     rtol64: float | None = None,
-    atol64: float = 1e-12,
+    atol64: float = 0.0,
     trials: int = 3,
     float64: bool = True,
     candidate64: nn.Module | None = None,
@@ -142,7 +142,13 @@ def verify(
 
     Trial 0 uses ``example_inputs``; trials 1.. use random tensors of the same shapes and dtypes.
     An output passes when ``max|ref - cand| <= atol + rtol * max|ref|`` (``rtol64``/``atol64`` on the
-    float64 copies). ``max_rel`` in the report is ``max_abs / max|ref|``.
+    float64 copies); tolerances are relative to the output's own scale by default (``atol=0``), so
+    a model with tiny outputs is not waved through. ``max_rel`` in the report is
+    ``max_abs / max|ref|``.
+
+    In float32 a deep reference is itself only accurate to its rounding noise
+    ``max|ref32 - ref64|`` (measured on the float64 copy); the float32 check also accepts errors up
+    to 8x that noise, since the float64 check is the one that judges the algebra.
 
     The float64 check compares a float64 copy of ``reference`` with ``candidate64`` when given (the
     same rewrite carried out in float64, as :func:`fxexpand.contract` does; default ``rtol64`` 1e-9),
@@ -160,7 +166,7 @@ def verify(
         raise ValueError("trials must be >= 1")
     ref = copy.deepcopy(reference).eval()
     cand = copy.deepcopy(candidate).eval()
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1_000_003)  # not the stream torch.manual_seed(seed) gives
     trial_inputs = [inputs] + [tuple(_random_like(x, gen) for x in inputs) for _ in range(trials - 1)]
 
     precisions: list[tuple[str, nn.Module, nn.Module, Any, float, float]] = []
@@ -176,11 +182,16 @@ def verify(
         precisions.append(("float64", copy.deepcopy(ref).double(), c64.double(), _to64, rtol64, atol64))
 
     report = VerifyReport()
-    for prec, r, c, conv, rt, at in precisions:
+    ref64 = precisions[1][1] if len(precisions) > 1 else None
+    for pi, (prec, r, c, conv, rt, at) in enumerate(precisions):
         worst: dict[str, list[float]] = {}
         order: list[str] = []
         for ti in trial_inputs:
             xs = tuple(conv(x) for x in ti)
+            noise: dict[str, float] = {}
+            if pi == 0 and ref64 is not None:
+                for name, t in flatten_outputs(_run(ref64, tuple(_to64(x) for x in ti), "reference")):
+                    noise[name] = t
             out_r = flatten_outputs(_run(r, xs, "reference"))
             out_c = flatten_outputs(_run(c, xs, "candidate"))
             if [n for n, _ in out_r] != [n for n, _ in out_c]:
@@ -200,14 +211,15 @@ def verify(
                     )
                 err = float((a64 - b64).abs().max()) if a.numel() else 0.0
                 scale = float(a64.abs().max()) if a.numel() else 0.0
+                nz = float((a64 - noise[name]).abs().max()) if name in noise and a.numel() else 0.0
                 if name not in worst:
-                    worst[name] = [0.0, 0.0, 0]
+                    worst[name] = [0.0, 0.0, 0, 0.0]
                     order.append(name)
                 w = worst[name]
-                w[0], w[1], w[2] = max(w[0], err), max(w[1], scale), w[2] + 1
+                w[0], w[1], w[2], w[3] = max(w[0], err), max(w[1], scale), w[2] + 1, max(w[3], nz)
         for name in order:
-            err, scale, n = worst[name]
-            ok = err <= at + rt * scale
+            err, scale, n, nz = worst[name]
+            ok = err <= at + rt * scale or (nz > 0 and err <= 8 * nz)
             report.outputs.append(OutputError(name, prec, err, err / scale if scale > 0 else err, scale, n, ok))
     if raise_on_mismatch and not report.passed:
         bad = [o for o in report.outputs if not o.ok]
@@ -226,7 +238,7 @@ class VerifyPass(Pass):
         rtol, atol, trials: see :func:`verify`.
     """
 
-    def __init__(self, *, reference: nn.Module, example_inputs: Any, rtol: float = 1e-4, atol: float = 1e-5,
+    def __init__(self, *, reference: nn.Module, example_inputs: Any, rtol: float = 1e-4, atol: float = 0.0,
                  trials: int = 3):
         if not isinstance(reference, nn.Module):
             raise TypeError("VerifyPass(reference=...) must be an nn.Module")

@@ -35,11 +35,12 @@ _FUNC_ACT = {F.relu: nn.ReLU, F.relu6: nn.ReLU6, F.silu: nn.SiLU, F.gelu: nn.GEL
 
 
 def evenly_spaced(n: int, fraction: float) -> list[int]:
-    """Indices of an evenly spaced ``fraction`` of ``n`` items (always including the first)."""
+    """Indices of an evenly spaced ``fraction`` of ``n`` items, starting with the first:
+    every other item for 0.5 (so ``ceil(n/2)`` of them), every third for 1/3, all for 1."""
     if n == 0 or fraction <= 0:
         return []
-    m = min(n, max(1, round(fraction * n)))
-    return sorted({math.floor(i * n / m) for i in range(m)})
+    m = min(n, max(1, math.ceil(fraction * n - 1e-9)))
+    return sorted({min(n - 1, math.floor(i / fraction + 1e-9)) for i in range(m)})
 
 
 def _block_of(node: fx.Node) -> str | None:
