@@ -107,12 +107,23 @@ def compile(  # noqa: A001 - mirrors torch.compile's name on purpose
     out = result.graph_module
     out.recompile()
     out.train(training)
-    out.fxexpand_notes = list(result.notes) + list(getattr(model, "fxexpand_notes", []))
-    out._fxexpand_factory = getattr(model, "_fxexpand_factory", None)
+    keep_attr(out, "fxexpand_notes", list(getattr(model, "fxexpand_notes", [])) + list(result.notes))
+    keep_attr(out, "_fxexpand_factory", getattr(model, "_fxexpand_factory", None))
     # state_dict metadata: models such as MNASNet read the root's version when loading
-    out._version = getattr(model, "_version", 1)
-    out._fxexpand_recipe = list(getattr(model, "_fxexpand_recipe", [])) + [_pass_spec(p) for p in pass_objs]
+    keep_attr(out, "_version", getattr(model, "_version", 1))
+    keep_attr(out, "_fxexpand_recipe",
+              list(getattr(model, "_fxexpand_recipe", [])) + [_pass_spec(p) for p in pass_objs])
     return out
+
+
+def keep_attr(gm: fx.GraphModule, name: str, value: Any) -> None:
+    """Set an attribute on a GraphModule that survives ``copy.deepcopy`` and pickling.
+
+    (``GraphModule.__deepcopy__`` rebuilds the module and keeps only attributes registered in
+    ``meta["_user_preserved_attributes"]``.)
+    """
+    setattr(gm, name, value)
+    gm.meta.setdefault("_user_preserved_attributes", {})[name] = value
 
 
 def _pass_spec(p: Pass) -> tuple[str, dict] | None:
@@ -196,8 +207,8 @@ def contract(
                              for t in inputs)
             out64, _ = _contract_once(copy.deepcopy(model).double(), inputs64, **opts)
         report.verification = _verify(model, out, inputs, rtol=rtol, atol=atol, trials=trials, candidate64=out64)
-    out.fxexpand_report = report
-    out._version = getattr(model, "_version", 1)
+    keep_attr(out, "fxexpand_report", report)
+    keep_attr(out, "_version", getattr(model, "_version", 1))
     logger.info("contract: %s", report.summary())
     return out
 
