@@ -67,6 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-factory", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="allow a fxexpand.save() file to build its model with this factory (repeatable)")
     c.add_argument("--report", action="store_true", help="also print every fusion and skip with its reason")
+
+    from .recipes import RECIPES
+
+    e = sub.add_parser(
+        "expand",
+        help="expand a model with a recipe and save it (fxexpand.save format)",
+        description=("Build MODEL, expand it with a recipe (NetBooster or ExpandNets), print parameters and FLOPs "
+                     "of the original, expanded and contracted models, and save the expanded model. Train it, "
+                     "decay its activations to alpha=1, then `fxexpand contract` it."),
+    )
+    e.add_argument("--model", required=True, help="torchvision:<name> | fxexpand:SmallNet | file from fxexpand.save()")
+    e.add_argument("--recipe", required=True, choices=sorted(RECIPES), help="expansion recipe")
+    e.add_argument("-o", "--output", required=True, help="where to write the expanded model (.pt)")
+    e.add_argument("--input-shape", type=_shape, default=None,
+                   help="example input shape for the report (default: from the file, else 1,3,224,224)")
+    e.add_argument("--alpha", type=float, default=0.0,
+                   help="initial decay coefficient of the inserted activations (default 0; 1 = already linear)")
+    e.add_argument("--allow-factory", action="append", default=[], metavar="MODULE:FUNCTION",
+                   help="allow a fxexpand.save() file to build its model with this factory (repeatable)")
     return parser
 
 
@@ -152,6 +171,48 @@ def cmd_contract(args) -> int:
     return 0
 
 
+def cmd_expand(args) -> int:
+    import torch
+    from rich.console import Console
+
+    from . import api, io, report, schedule
+    from .recipes import get_recipe
+
+    console = Console(highlight=False)
+    out = Path(args.output)
+    from .export import check_output_path
+
+    check_output_path(out)
+    if not 0.0 <= args.alpha <= 1.0:
+        return _fail("--alpha must lie in [0, 1]")
+    with console.status("building the model") as status:
+        spec = args.model
+        if (spec.startswith("torchvision:") or spec.startswith("fxexpand:")) and not os.path.exists(spec):
+            loaded = io.LoadedModel(io.build_model(spec), spec, None)
+        else:
+            loaded = io.load_file(spec, allow=args.allow_factory)
+        model = loaded.model
+        if getattr(model, "_fxexpand_factory", None) is None:
+            return _fail(f"{spec} does not record how to rebuild its architecture; expand a torchvision:/fxexpand: "
+                         "model or a file written by fxexpand.save()")
+        shape = args.input_shape or loaded.input_shape or [1, 3, 224, 224]
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        status.update(f"expanding with recipe {args.recipe}")
+        expanded = api.compile(model, passes=get_recipe(args.recipe), example_inputs=(x,))
+        if schedule.decay_modules(expanded):
+            schedule.set_decay(expanded, args.alpha)
+        status.update("measuring original, expanded and contracted models")
+        rep = report.expansion_report(model.eval(), expanded.eval(), (x,))
+        status.update(f"saving {out}")
+        io.save(expanded, out, input_shape=shape)
+    console.print(report.report_table(rep, title=f"fxexpand expand {loaded.source} --recipe {args.recipe}"))
+    console.print(f"expanded {len(rep['expanded_layers'])} layers: {', '.join(rep['expanded_layers'][:12])}"
+                  + (" ..." if len(rep["expanded_layers"]) > 12 else ""))
+    console.print(f"{len(rep['not_expanded'])} layers not expanded (see fxexpand.expansion_report for reasons)")
+    console.print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -161,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "contract":
             return cmd_contract(args)
+        if args.command == "expand":
+            return cmd_expand(args)
     except FxExpandError as e:
         if args.debug:
             traceback.print_exc()

@@ -14,7 +14,10 @@ is on the allow-list:
 * names passed in ``allow=`` (the CLI's ``--allow-factory module:function``), which the user
   thereby allows fxexpand to import.
 
-A file naming anything else is refused before anything is imported. Pickled modules
+A file naming anything else is refused before anything is imported. An *expanded* model (from
+:func:`fxexpand.compile`) is saved with its base model's factory and its pass recipe (registered
+pass names and plain keyword arguments); loading rebuilds the base model, re-runs the recipe —
+only registered passes, nothing imported by name — and loads the weights. Pickled modules
 (``torch.save(module)``) run code when unpickled, so they load only with ``trust_pickle=True``
 (CLI: ``--trust-pickle``).
 """
@@ -130,12 +133,20 @@ def save(
         factory_kwargs = factory_kwargs if factory_kwargs is not None else kw
     if not _NAME_RE.match(factory):
         raise ValueError(f"factory names look like 'package:function', got {factory!r}")
+    recipe = list(getattr(model, "_fxexpand_recipe", None) or [])
+    if any(r is None for r in recipe):
+        raise ValueError(
+            "this expanded model was made with a pass whose arguments cannot be recorded as plain values "
+            "(for example a targets predicate or an activation class); use registered passes with plain "
+            "arguments (names, numbers, strings) to save it, or save its state_dict yourself"
+        )
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "factory": factory,
         "kwargs": dict(factory_kwargs or {}),
         "input_shape": None if input_shape is None else [int(d) for d in input_shape],
+        "recipe": [[name, kwargs] for name, kwargs in recipe],
         "state_dict": model.state_dict(),
     }
     path = Path(path)
@@ -217,6 +228,9 @@ def _from_payload(p: Path, obj: dict, allow: Iterable[str]) -> LoadedModel:
     if not isinstance(kwargs, dict) or not isinstance(sd, dict):
         raise LoadError(f"{p} is an fxexpand file with a malformed payload")
     model = build_model(factory, allow=allow, **kwargs)
+    recipe = obj.get("recipe") or []
+    if recipe:
+        model = _rebuild_expanded(p, model, recipe)
     try:
         model.load_state_dict(sd, strict=True)
     except Exception as e:
@@ -224,7 +238,34 @@ def _from_payload(p: Path, obj: dict, allow: Iterable[str]) -> LoadedModel:
     shape = obj.get("input_shape")
     if shape is not None and not (isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape)):
         raise LoadError(f"{p} records an invalid input shape {shape!r}")
-    return LoadedModel(model, factory, shape)
+    source = factory if not recipe else f"{factory} expanded by {'+'.join(r[0] for r in recipe)}"
+    return LoadedModel(model, source, shape)
+
+
+def _rebuild_expanded(p: Path, model: nn.Module, recipe: Any) -> nn.Module:
+    """Re-run the recorded passes (registered passes only, plain keyword arguments)."""
+    from .api import compile as _compile
+    from .infra import registered_passes
+
+    reg = registered_passes()
+    passes = []
+    if not isinstance(recipe, list):
+        raise LoadError(f"{p} has a malformed pass recipe")
+    for entry in recipe:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], dict)):
+            raise LoadError(f"{p} has a malformed pass recipe entry {entry!r}")
+        name, kwargs = entry
+        if name not in reg:
+            raise LoadError(f"{p} names pass {name!r}, which is not registered in this fxexpand")
+        try:
+            passes.append(reg[name](**kwargs))
+        except Exception as e:
+            raise LoadError(f"{p}: pass {name} rejected its recorded arguments {kwargs}: {e}") from e
+    try:
+        return _compile(model, passes=passes)
+    except Exception as e:
+        raise LoadError(f"{p}: re-running the expansion recipe failed: {type(e).__name__}: {e}") from e
 
 
 def _short(msg: str, n: int = 300) -> str:
