@@ -19,9 +19,10 @@ _KINDS = ("leaky", "blend")
 class DecayActivation(nn.Module):
     """An activation with a decay coefficient ``alpha`` (buffer) that interpolates to the identity.
 
-    * ``kind="leaky"`` (NetBooster's PLT): ``y = max(alpha * x, x)``, a leaky ReLU whose slope is
-      ``alpha``. For ReLU6 the upper clamp fades out too: ``y - (1 - alpha) * relu(y - 6)``; for
-      LeakyReLU the slope rises from the module's own ``negative_slope`` to 1.
+    * ``kind="leaky"`` (NetBooster's PLT): ``max(alpha * x, x)``, a leaky ReLU whose slope is
+      ``alpha``. For ReLU6 the upper clamp fades out too (``6 + alpha·(x − 6)`` above 6); for
+      LeakyReLU the slope rises from the module's own ``negative_slope`` to 1. For the ReLU family
+      this is the same function as the blend below; the kind records the paper's form.
     * ``kind="blend"``: ``alpha * x + (1 - alpha) * act(x)`` for any activation.
 
     fxexpand's tracer keeps this module as a single (leaf) call so passes can see and remove it.
@@ -53,18 +54,16 @@ class DecayActivation(nn.Module):
         return bool(self.alpha.item() == 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One form covers every kind: with h = act(x), x − (1 − alpha)·(x − h)
+        #   blend:          alpha·x + (1 − alpha)·act(x)
+        #   leaky, ReLU:    max(alpha·x, x)                     (h = relu(x))
+        #   leaky, ReLU6:   the same with the clamp at 6 fading (h = relu6(x))
+        #   leaky, Leaky:   slope rising from negative_slope to 1
+        # and alpha = 1 gives exactly x (the product is exactly zero). Three elementwise ops
+        # instead of max/relu chains keep the training step and its memory close to the plain
+        # activation's.
         a = self.alpha.to(x.dtype)
-        if self.kind == "blend":
-            return a * x + (1 - a) * self.activation(x)
-        act = self.activation
-        if isinstance(act, nn.LeakyReLU):
-            # slope rises from the module's own negative_slope to 1
-            slope = act.negative_slope + a * (1 - act.negative_slope)
-            return torch.maximum(slope * x, x)
-        y = torch.maximum(a * x, x)
-        if isinstance(act, nn.ReLU6):
-            y = y - (1 - a) * torch.relu(y - 6)
-        return y
+        return x - (1 - a) * (x - self.activation(x))
 
 
 class Residual(nn.Module):
