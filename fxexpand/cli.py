@@ -8,7 +8,6 @@ gets a one-paragraph error and exit code 2; the output file is only written on s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys

@@ -22,7 +22,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
-import torch
 import torch.fx as fx
 
 from .errors import EquivalenceError, FxExpandError, PassError, PostconditionError, PreconditionError

@@ -1,6 +1,5 @@
 """Model factories used by the CLI tests (importable, so they can be allowed by name)."""
 
-import torch
 from torch import nn
 
 

@@ -1,6 +1,5 @@
 """The Python examples in README.md and docs/ run as written."""
 
-import os
 import re
 from pathlib import Path
 

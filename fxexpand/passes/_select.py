@@ -142,6 +142,19 @@ def select_targets(
     raise TypeError(f"{pass_name}: targets must be None, 'blocks', a list of names or a predicate, got {targets!r}")
 
 
+def conv_problem(m: nn.Module, what: str = "") -> str:
+    """Why a module cannot be an expansion target as a conv ("" if it can)."""
+    from ..graph import _norm_padding
+
+    if type(m) not in (nn.Conv1d, nn.Conv2d):
+        return f"{type(m).__name__} is not a Conv1d/Conv2d{what}"
+    if m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r}"
+    if _norm_padding(m.padding, tuple(m.kernel_size), tuple(m.dilation)) is None:
+        return "asymmetric 'same' padding"
+    return ""
+
+
 def _pointwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     m = get_module(gm, node.target)
     return all(k == 1 for k in getattr(m, "kernel_size", (0,)))

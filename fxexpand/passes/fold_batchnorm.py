@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.fx as fx
@@ -42,7 +41,8 @@ from ..graph import (
     out_shape,
     replace_nodes_with_module,
 )
-from ..infra import Pass, PassResult, register_pass
+from ..infra import PassResult, register_pass
+from ._scoped import ScopedPass
 
 __all__ = ["FoldBatchNormPass", "FoldBatchNorm"]
 
@@ -53,19 +53,13 @@ _TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 @register_pass("fold_batchnorm")
 @dataclass(kw_only=True)
-class FoldBatchNormPass(Pass):
+class FoldBatchNormPass(ScopedPass):
     """Fold eval-mode BatchNorm into the preceding conv / linear / conv-transpose.
 
     Args:
         scope: ``"all"`` folds everywhere; ``"expanded"`` only inside expanded regions.
     """
 
-    scope: Literal["all", "expanded"] = "all"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.scope not in ("all", "expanded"):
-            raise ValueError(f"scope must be 'all' or 'expanded', got {self.scope!r}")
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module

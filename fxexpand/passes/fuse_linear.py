@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
 
 import torch.fx as fx
 
@@ -37,7 +36,8 @@ from ..graph import (
     out_shape,
     replace_nodes_with_module,
 )
-from ..infra import Pass, PassResult, register_pass
+from ..infra import PassResult, register_pass
+from ._scoped import ScopedPass
 from ._algebra import compose, identity_like, sum_parallel
 
 __all__ = ["FuseLinearPass", "FuseLinear"]
@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 @register_pass("fuse_linear")
 @dataclass(kw_only=True)
-class FuseLinearPass(Pass):
+class FuseLinearPass(ScopedPass):
     """Fuse sequential / parallel / identity-residual linear ops exactly.
 
     Args:
@@ -55,13 +55,7 @@ class FuseLinearPass(Pass):
         allow_flop_increase: also fuse outside expanded regions when it increases MACs.
     """
 
-    scope: Literal["all", "expanded"] = "all"
     allow_flop_increase: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.scope not in ("all", "expanded"):
-            raise ValueError(f"scope must be 'all' or 'expanded', got {self.scope!r}")
 
     # -- helpers -------------------------------------------------------------------------------
     def _private(self, gm: fx.GraphModule, node: fx.Node, calls, uses) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
@@ -29,7 +29,7 @@ from ..graph import CONV_TYPES, _norm_padding
 from ..infra import Pass, PassResult, register_pass
 from ..modules import Residual
 from ..provenance import ExpandedRegion
-from ._select import activation_near, install, select_targets
+from ._select import activation_near, conv_problem, install, select_targets
 
 __all__ = ["InsertInvertedResidualPass", "InsertInvertedResidual"]
 
@@ -75,12 +75,9 @@ class InsertInvertedResidualPass(Pass):
             self.targets = tuple(self.targets)
 
     def _eligible(self, name: str, m: nn.Module) -> str:
-        if type(m) not in (nn.Conv1d, nn.Conv2d):
-            return f"{type(m).__name__} is not a Conv1d/Conv2d"
-        if m.padding_mode != "zeros":
-            return f"padding_mode={m.padding_mode!r}"
-        if _norm_padding(m.padding, tuple(m.kernel_size), tuple(m.dilation)) is None:
-            return "asymmetric 'same' padding"
+        problem = conv_problem(m)
+        if problem:
+            return problem
         if self.kernel_size == 1 and any(k != 1 for k in m.kernel_size):
             return "not a pointwise conv (use kernel_size='match' to expand k×k convs)"
         return ""

@@ -34,7 +34,7 @@ from torch import nn
 from ..graph import CONV_TYPES, _norm_padding
 from ..infra import Pass, PassResult, register_pass
 from ..provenance import ExpandedRegion
-from ._select import install, select_targets
+from ._select import conv_problem, install, select_targets
 
 __all__ = ["LinearExpandPass", "LinearExpand", "preserve_factors"]
 
@@ -83,12 +83,9 @@ class LinearExpandPass(Pass):
     def _eligible(self, name: str, m: nn.Module) -> str:
         if self.mode == "FC":
             return "" if type(m) is nn.Linear else f"{type(m).__name__} is not nn.Linear (mode FC)"
-        if type(m) not in (nn.Conv1d, nn.Conv2d):
-            return f"{type(m).__name__} is not a Conv1d/Conv2d (mode {self.mode})"
-        if m.padding_mode != "zeros":
-            return f"padding_mode={m.padding_mode!r}"
-        if _norm_padding(m.padding, tuple(m.kernel_size), tuple(m.dilation)) is None:
-            return "asymmetric 'same' padding"
+        problem = conv_problem(m, f" (mode {self.mode})")
+        if problem:
+            return problem
         if self.mode == "CK":
             k = tuple(m.kernel_size)
             if len(set(k)) != 1 or k[0] <= 3 or k[0] % 2 == 0:

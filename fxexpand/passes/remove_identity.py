@@ -13,14 +13,14 @@ Pattern → rewrite (``y = op(x)`` → uses of ``y`` become uses of ``x``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from ..graph import get_module, in_scope, node_input, node_label
-from ..infra import Pass, PassResult, register_pass
+from ..infra import PassResult, register_pass
+from ._scoped import ScopedPass
 from ..modules import DecayActivation
 
 __all__ = ["RemoveIdentityPass", "RemoveIdentity"]
@@ -32,19 +32,13 @@ _DROPOUT_FUNCS = {F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2, 
 
 @register_pass("remove_identity")
 @dataclass(kw_only=True)
-class RemoveIdentityPass(Pass):
+class RemoveIdentityPass(ScopedPass):
     """Remove nn.Identity, eval-mode dropout and fully decayed (alpha == 1) activations.
 
     Args:
         scope: ``"all"`` or ``"expanded"`` (only inside expanded regions).
     """
 
-    scope: Literal["all", "expanded"] = "all"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.scope not in ("all", "expanded"):
-            raise ValueError(f"scope must be 'all' or 'expanded', got {self.scope!r}")
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
