@@ -85,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial decay coefficient of the inserted activations (default 0; 1 = already linear)")
     e.add_argument("--allow-factory", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="allow a fxexpand.save() file to build its model with this factory (repeatable)")
+
+    d = sub.add_parser(
+        "demo",
+        help="train a tiny CNN on scikit-learn's digits three ways (vanilla, NetBooster, ExpandNets) and compare",
+        description=("Expansion-then-contraction end to end on scikit-learn's bundled digits (no downloads): "
+                     "train vanilla, NetBooster and ExpandNets versions of a tiny CNN with the same budget and "
+                     "seeds, contract the expanded ones back to the tiny CNN, verify, export ONNX, time it, and "
+                     "print one table."),
+    )
+    d.add_argument("--epochs", type=int, default=30, help="training epochs per run (default 30)")
+    d.add_argument("--seeds", type=int, default=3, help="seeds per recipe (default 3)")
+    d.add_argument("--recipe", action="append", choices=["vanilla", "netbooster", "expandnets"],
+                   help="recipes to run (repeatable; default all three)")
+    d.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (cosine schedule; default 0.05)")
+    d.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    d.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     return parser
 
 
@@ -212,6 +228,21 @@ def cmd_expand(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from rich.console import Console
+
+    from .demo import RECIPES, results_table, run_demo
+
+    if args.epochs < 1 or args.seeds < 1 or args.batch_size < 1 or args.threads < 1 or args.lr <= 0:
+        return _fail("--epochs, --seeds, --batch-size and --threads must be at least 1 and --lr positive")
+    console = Console(highlight=False, width=max(Console().width, 150))
+    recipes = tuple(args.recipe) if args.recipe else RECIPES
+    results = run_demo(epochs=args.epochs, seeds=args.seeds, recipes=recipes, batch_size=args.batch_size,
+                       lr=args.lr, threads=args.threads, console=console)
+    console.print(results_table(results, args.epochs, args.seeds))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -223,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_contract(args)
         if args.command == "expand":
             return cmd_expand(args)
+        if args.command == "demo":
+            return cmd_demo(args)
     except FxExpandError as e:
         if args.debug:
             traceback.print_exc()

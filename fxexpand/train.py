@@ -1,0 +1,166 @@
+"""Training helpers for expansion-then-contraction.
+
+The schedule users need, NetBooster-style::
+
+    epochs:  |------ train expanded (alpha = 0) ------|--- PLT decay 0 -> 1 ---|-- fine-tune at alpha = 1 --|
+                                                      ^ decay_start             ^ decay_end
+
+:class:`DecaySchedule` turns that into a :class:`~fxexpand.schedule.LinearDecay` over global steps
+and can sit inside any training loop (call :meth:`DecaySchedule.step` after each optimizer step).
+:class:`Trainer` is a small loop around it with callbacks; :func:`lightning_callback` adapts the
+schedule to PyTorch Lightning when Lightning is installed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+from torch import nn
+
+from .schedule import LinearDecay, decay_modules
+
+__all__ = ["DecaySchedule", "Trainer", "Callback", "lightning_callback", "unwrap"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+@dataclass
+class DecaySchedule:
+    """Where the decay phase sits, in global steps.
+
+    Args:
+        model: the expanded model (or a DDP wrapper of it).
+        epochs: total training epochs.
+        steps_per_epoch: optimizer steps per epoch.
+        decay_fraction: share of the epochs over which alpha rises 0 -> 1 (NetBooster: 0.2).
+        finetune_epochs: epochs at alpha = 1 after the decay (0 = decay ends with training).
+    """
+
+    model: nn.Module
+    epochs: int
+    steps_per_epoch: int
+    decay_fraction: float = 0.2
+    finetune_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.steps_per_epoch < 1:
+            raise ValueError("epochs and steps_per_epoch must be >= 1")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError("decay_fraction must lie in (0, 1]")
+        if not 0 <= self.finetune_epochs < self.epochs:
+            raise ValueError("finetune_epochs must be in [0, epochs)")
+        decay_epochs = max(1, math.ceil(self.decay_fraction * self.epochs - 1e-9))
+        decay_epochs = min(decay_epochs, self.epochs - self.finetune_epochs)
+        self.decay_start_epoch = self.epochs - self.finetune_epochs - decay_epochs
+        self.decay_epochs = decay_epochs
+        self.linear = None
+        if decay_modules(unwrap(self.model)):
+            self.linear = LinearDecay(unwrap(self.model), total_steps=decay_epochs * self.steps_per_epoch,
+                                      start_step=self.decay_start_epoch * self.steps_per_epoch)
+
+    @property
+    def alpha(self) -> float:
+        return 1.0 if self.linear is None else self.linear.alpha
+
+    @property
+    def global_step(self) -> int:
+        return 0 if self.linear is None else self.linear.global_step
+
+    def step(self) -> float:
+        """Call after every optimizer step; returns the new alpha (1.0 if nothing decays)."""
+        return 1.0 if self.linear is None else self.linear.step()
+
+
+class Callback(Protocol):
+    def __call__(self, event: str, trainer: "Trainer", **info: Any) -> None: ...
+
+
+class Trainer:
+    """A small training loop for expanded models: train → PLT decay → fine-tune at alpha = 1 → contract.
+
+    Callbacks are called as ``cb(event, trainer, **info)`` with events ``"step"`` (``loss``, ``alpha``,
+    ``step``) and ``"epoch"`` (``epoch``, ``loss``, ``alpha``).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, epochs: int,
+                 decay_fraction: float = 0.2, finetune_epochs: int = 0,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
+                 callbacks: Iterable[Callable] = (), lr_scheduler: Any = None):
+        self.model, self.optimizer, self.epochs = model, optimizer, int(epochs)
+        self.decay_fraction, self.finetune_epochs = decay_fraction, int(finetune_epochs)
+        self.loss_fn, self.callbacks, self.lr_scheduler = loss_fn, list(callbacks), lr_scheduler
+        self.schedule: DecaySchedule | None = None
+
+    def _emit(self, event: str, **info: Any) -> None:
+        for cb in self.callbacks:
+            cb(event, self, **info)
+
+    def fit(self, loader: Iterable, *, steps_per_epoch: int | None = None) -> nn.Module:
+        """Train for ``epochs`` epochs over ``loader`` (an iterable of ``(inputs, targets)``)."""
+        if steps_per_epoch is None:
+            steps_per_epoch = len(loader)  # type: ignore[arg-type]
+        self.schedule = DecaySchedule(self.model, self.epochs, steps_per_epoch, self.decay_fraction,
+                                      self.finetune_epochs)
+        for epoch in range(self.epochs):
+            self.model.train()
+            total, n = 0.0, 0
+            for x, y in loader:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.loss_fn(self.model(x), y)
+                loss.backward()
+                self.optimizer.step()
+                alpha = self.schedule.step()
+                total, n = total + float(loss.detach()), n + 1
+                self._emit("step", loss=float(loss.detach()), alpha=alpha, step=self.schedule.global_step)
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+            self._emit("epoch", epoch=epoch, loss=total / max(n, 1), alpha=self.schedule.alpha)
+        self.model.eval()
+        return self.model
+
+    def contract(self, example_inputs: Any, **kwargs: Any) -> nn.Module:
+        """Contract the trained model (unwrapped from DDP) back to the original architecture."""
+        from .api import contract
+
+        return contract(unwrap(self.model).eval(), example_inputs, **kwargs)
+
+
+def lightning_callback(epochs: int, steps_per_epoch: int, decay_fraction: float = 0.2, finetune_epochs: int = 0):
+    """A PyTorch Lightning ``Callback`` that runs the decay schedule on ``pl_module``.
+
+    Raises ImportError if neither ``lightning`` nor ``pytorch_lightning`` is installed.
+    """
+    try:
+        from lightning.pytorch import Callback as _PLCallback
+    except ImportError:
+        try:
+            from pytorch_lightning import Callback as _PLCallback
+        except ImportError as e:
+            raise ImportError("lightning_callback needs `pip install lightning`") from e
+
+    class DecayCallback(_PLCallback):
+        def __init__(self):
+            super().__init__()
+            self.schedule: DecaySchedule | None = None
+
+        def on_train_start(self, trainer, pl_module):
+            self.schedule = DecaySchedule(pl_module, epochs, steps_per_epoch, decay_fraction, finetune_epochs)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.schedule is not None:
+                self.schedule.step()
+                pl_module.log("fxexpand_alpha", self.schedule.alpha, prog_bar=True)
+
+    return DecayCallback()
