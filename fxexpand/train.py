@@ -22,7 +22,7 @@ from torch import nn
 
 from .schedule import LinearDecay, decay_modules
 
-__all__ = ["DecaySchedule", "Trainer", "Callback", "lightning_callback", "unwrap"]
+__all__ = ["DecaySchedule", "Trainer", "Callback", "lightning_callback", "unwrap", "sync_buffers"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -34,6 +34,22 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def sync_buffers(model: nn.Module, src: int = 0) -> None:
+    """Broadcast every buffer (BN running statistics, alpha, the decay step) from rank ``src``.
+
+    DDP broadcasts buffers at the *start* of each forward, so after the last training step every
+    rank holds running statistics updated with its own batch. Call this once after training (a
+    no-op without an initialised process group) so that every rank contracts the same model.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    with torch.no_grad():
+        for b in unwrap(model).buffers():
+            dist.broadcast(b, src)
 
 
 @dataclass
