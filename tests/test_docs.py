@@ -27,3 +27,20 @@ def test_tracing_doc_examples_run(block, tmp_path, monkeypatch):
         pytest.skip("a usage sketch with placeholder names, not a complete example")
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"tracing.md[{block}]", "exec"), {"__name__": "__doc__"})
+
+
+@pytest.mark.parametrize("doc,block", [(d, i) for d in ("index.md", "expansion.md", "training.md")
+                                       for i in range(len(_blocks(ROOT / "docs" / d)))])
+def test_guide_examples_run(doc, block, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = _blocks(ROOT / "docs" / doc)[block]
+    exec(compile(code, f"{doc}[{block}]", "exec"), {"__name__": "__doc__"})
+
+
+def test_api_reference_is_current():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "docs" / "gen_api.py"), "--check"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,75 @@
+"""Generate docs/api.md from fxexpand's docstrings and signatures.
+
+    python docs/gen_api.py          # rewrite docs/api.md
+    python docs/gen_api.py --check  # exit 1 if docs/api.md is out of date (the tests run this)
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+
+import fxexpand
+import fxexpand.passes
+import fxexpand.train
+
+SECTIONS = [
+    ("Entry points", fxexpand, ["trace", "compile", "contract", "verify", "export_onnx", "benchmark_onnx",
+                                "compare_onnx", "save", "load", "build_model", "register_factory",
+                                "expansion_report", "count_parameters", "count_flops"]),
+    ("Schedules", fxexpand, ["LinearDecay", "set_decay", "get_decay"]),
+    ("Training", fxexpand.train, ["DecaySchedule", "Trainer", "sync_buffers", "unwrap", "lightning_callback"]),
+    ("Pass infrastructure", fxexpand, ["Pass", "PassResult", "PassManager", "Note", "register_pass",
+                                       "registered_passes", "get_pass"]),
+    ("Passes", fxexpand.passes, ["InsertInvertedResidualPass", "LinearExpandPass", "DecayActivationsPass",
+                                 "RemoveIdentityPass", "FoldBatchNormPass", "FuseLinearPass",
+                                 "RestoreOriginalPass", "VerifyPass"]),
+    ("Modules and reports", fxexpand, ["ExpandedRegion", "DecayActivation", "ContractReport", "VerifyReport",
+                                       "LatencyStats"]),
+    ("Recipes", fxexpand.recipes, ["netbooster", "expandnets"]),
+    ("Errors", fxexpand, ["FxExpandError", "TraceError", "PassError", "PreconditionError", "PostconditionError",
+                          "EquivalenceError", "ContractionError", "ExportError", "LoadError", "InputError"]),
+]
+
+
+def _sig(obj) -> str:
+    import re
+
+    try:
+        sig = str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        return "(...)"
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", sig)  # no memory addresses: the output must be stable
+
+
+def render() -> str:
+    out = ["# API reference", "",
+           "Generated from the docstrings by `python docs/gen_api.py`; `tests/test_docs.py` checks it is current.", ""]
+    for title, mod, names in SECTIONS:
+        out += [f"## {title}", ""]
+        for name in names:
+            obj = getattr(mod, name)
+            kind = "class" if inspect.isclass(obj) else "function"
+            out += [f"### `{mod.__name__}.{name}`", "", f"```text\n{kind} {name}{_sig(obj)}\n```", ""]
+            doc = inspect.getdoc(obj) or "(no docstring)"
+            out += [doc, ""]
+            if registered := getattr(obj, "registered_name", ""):
+                out += [f"Registered name: `{registered}`.", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main() -> int:
+    path = Path(__file__).with_name("api.md")
+    text = render()
+    if "--check" in sys.argv:
+        if not path.exists() or path.read_text() != text:
+            print("docs/api.md is out of date: run python docs/gen_api.py")
+            return 1
+        return 0
+    path.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
