@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "seeds, contract the expanded ones back to the tiny CNN, verify, export ONNX, time it, and "
                      "print one table."),
     )
-    d.add_argument("--epochs", type=int, default=30, help="training epochs per run (default 30)")
+    d.add_argument("--epochs", type=int, default=20, help="training epochs per run (default 20)")
     d.add_argument("--seeds", type=int, default=3, help="seeds per recipe (default 3)")
     d.add_argument("--recipe", action="append", choices=["vanilla", "netbooster", "expandnets"],
                    help="recipes to run (repeatable; default all three)")

@@ -134,7 +134,7 @@ def _train_one(recipe: str, seed: int, data, epochs: int, batch_size: int, lr: f
     return deployed.eval(), model, small.fxexpand_report.verification, seconds, train_params
 
 
-def run_demo(epochs: int = 30, seeds: int = 3, recipes: tuple[str, ...] = RECIPES, batch_size: int = 64,
+def run_demo(epochs: int = 20, seeds: int = 3, recipes: tuple[str, ...] = RECIPES, batch_size: int = 64,
              lr: float = 0.05, threads: int = 1, console=None) -> list[DemoResult]:
     """Run the demo; returns one :class:`DemoResult` per recipe (and prints progress to ``console``)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
