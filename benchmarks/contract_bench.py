@@ -28,14 +28,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import collections
-import datetime as _dt
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +47,7 @@ from rich.table import Table
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
 import fxexpand
+from _common import loadavg, machine_info, machine_line, onnx_summary  # noqa: E402 (benchmarks/ is on sys.path)
 
 DEFAULT_MODELS = ("mobilenet_v2", "resnet18")
 INPUT_SHAPE = (1, 3, 224, 224)
@@ -62,72 +59,6 @@ if not console.is_terminal:  # logs and pipes: wide enough for the tables
 
 # --------------------------------------------------------------------------------------------------
 # machine description
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _git(*args: str) -> str | None:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except Exception:
-        return None
-
-
-def _git_commit() -> str | None:
-    """Short HEAD commit, with "+dirty" when fxexpand/ has uncommitted changes."""
-    head = _git("rev-parse", "--short", "HEAD")
-    if head and _git("status", "--porcelain", "--untracked-files=no", "--", "fxexpand"):
-        head += "+dirty"
-    return head or None
-
-
-def machine_info() -> dict[str, Any]:
-    import onnx
-    import onnxruntime
-
-    return {
-        "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "fxexpand": fxexpand.__version__,
-        "git_commit": _git_commit(),
-        "torch_num_threads": torch.get_num_threads(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_start": _loadavg(),
-    }
-
-
-def _loadavg() -> list[float] | None:
-    """1/5/15-minute load averages (other processes competing for the CPUs skew every timing)."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def machine_line(m: dict[str, Any]) -> str:
-    return (f"{m['cpu_model']} ({m['cpu_count']} logical CPUs), {m['platform']}, Python {m['python']}, "
-            f"torch {m['torch']}, torchvision {m['torchvision']}, onnxruntime {m['onnxruntime']}, "
-            f"torch threads {m['torch_num_threads']}, fxexpand {m['fxexpand']}"
-            + (f" @ {m['git_commit']}" if m.get("git_commit") else "") + f", {m['date']}"
-            + (f", load average at start {'/'.join(map(str, m['loadavg_start']))}" if m.get("loadavg_start") else "")
-            + (f", at end {'/'.join(map(str, m['loadavg_end']))}" if m.get("loadavg_end") else ""))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,14 +83,6 @@ def build_model(name: str, seed: int) -> torch.nn.Module:
                     m.weight.copy_(torch.rand(n, generator=g) + 0.5)         # U(0.5, 1.5)
                     m.bias.copy_(torch.randn(n, generator=g) * 0.1)
     return model.eval()
-
-
-def onnx_summary(path: Path) -> dict[str, Any]:
-    import onnx
-
-    model = onnx.load(str(path))
-    ops = collections.Counter(n.op_type for n in model.graph.node)
-    return {"nodes": sum(ops.values()), "ops": dict(sorted(ops.items())), "bytes": path.stat().st_size}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,7 +192,7 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict[str,
         console.log(f"  median {s_in.median_ms:.2f} -> {s_c.median_ms:.2f} ms (x{row['ratio_median']:.3f}), "
                     f"p90 {s_in.p90_ms:.2f} -> {s_c.p90_ms:.2f} ms (x{row['ratio_p90']:.3f})")
     res["model_wall_s"] = time.perf_counter() - t_model
-    res["loadavg_end"] = _loadavg()
+    res["loadavg_end"] = loadavg()
     return res
 
 
@@ -420,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "wall_s": time.perf_counter() - t_start,
     }
-    machine["loadavg_end"] = _loadavg()
+    machine["loadavg_end"] = loadavg()
     console.rule("results")
     print_tables(results)
     args.out_dir.mkdir(parents=True, exist_ok=True)

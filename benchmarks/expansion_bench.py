@@ -44,13 +44,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import collections
 import copy
-import datetime as _dt
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -67,6 +64,7 @@ from rich.console import Console
 from rich.table import Table
 
 import fxexpand
+from _common import loadavg, machine_info, machine_line, onnx_summary  # noqa: E402 (benchmarks/ is on sys.path)
 from fxexpand.models import SmallNet
 
 BATCH = 32
@@ -149,75 +147,6 @@ def plain_activations(model: torch.nn.Module) -> torch.nn.Module:
 
 # --------------------------------------------------------------------------------------------------
 # machine description
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _git(*args: str) -> str | None:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except Exception:
-        return None
-
-
-def _git_commit() -> str | None:
-    """Short HEAD commit, with "+dirty" when fxexpand/ has uncommitted changes."""
-    head = _git("rev-parse", "--short", "HEAD")
-    if head and _git("status", "--porcelain", "--untracked-files=no", "--", "fxexpand"):
-        head += "+dirty"
-    return head or None
-
-
-def _loadavg() -> list[float] | None:
-    """1/5/15-minute load averages (other processes competing for the CPUs skew every timing)."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def machine_info(flush_denormal: bool) -> dict[str, Any]:
-    import onnx
-    import onnxruntime
-
-    return {
-        "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": np.__version__,
-        "fxexpand": fxexpand.__version__,
-        "git_commit": _git_commit(),
-        "torch_num_threads": torch.get_num_threads(),
-        "torch_flush_denormal": flush_denormal,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_start": _loadavg(),
-    }
-
-
-def machine_line(m: dict[str, Any]) -> str:
-    return (f"{m['cpu_model']} ({m['cpu_count']} logical CPUs), {m['platform']}, Python {m['python']}, "
-            f"torch {m['torch']}, torchvision {m['torchvision']}, onnxruntime {m['onnxruntime']}, "
-            f"torch threads {m['torch_num_threads']}, flush denormal {m['torch_flush_denormal']}, "
-            f"fxexpand {m['fxexpand']}"
-            + (f" @ {m['git_commit']}" if m.get("git_commit") else "") + f", {m['date']}"
-            + (f", load average at start {'/'.join(map(str, m['loadavg_start']))}" if m.get("loadavg_start") else "")
-            + (f", at end {'/'.join(map(str, m['loadavg_end']))}" if m.get("loadavg_end") else ""))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,14 +251,6 @@ def _memory_child(case_name: str, variant: str, seed: int, torch_threads: int) -
                       "hwm_reset": reset, "hwm_before_mib": before["VmHWM"], "steps": 3,
                       "method": "VmHWM after 3 steps (reset via /proc/self/clear_refs) minus VmRSS before"}))
     return 0
-
-
-def onnx_summary(path: Path) -> dict[str, Any]:
-    import onnx
-
-    model = onnx.load(str(path))
-    ops = collections.Counter(n.op_type for n in model.graph.node)
-    return {"nodes": sum(ops.values()), "ops": dict(sorted(ops.items())), "bytes": path.stat().st_size}
 
 
 def report_dict(gm: torch.nn.Module, wall: float) -> dict[str, Any]:
@@ -446,7 +367,7 @@ def bench_case(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
         console.log("  median " + ", ".join(f"{k} {v['median_ms']:.3f} ms (x{row['ratio_median'][k]:.3f})"
                                             for k, v in st.items()))
     res["case_wall_s"] = time.perf_counter() - t_case
-    res["loadavg_end"] = _loadavg()
+    res["loadavg_end"] = loadavg()
     return res
 
 
@@ -631,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     flush = bool(torch.set_flush_denormal(True))
-    machine = machine_info(flush)
+    machine = machine_info(numpy=np.__version__, torch_flush_denormal=flush)
     console.print(f"[bold]fxexpand expansion benchmark[/]  {machine_line(machine)}")
     load = machine["loadavg_start"]
     if load is not None and load[0] > 0.5 * (os.cpu_count() or 1):
@@ -646,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
                 console.print_exception()
                 results.append({"case": name, "label": CASES[name]["label"], "error": f"{type(e).__name__}: {e}",
                                 "traceback": traceback.format_exc()})
-    machine["loadavg_end"] = _loadavg()
+    machine["loadavg_end"] = loadavg()
     doc = {
         "machine": machine,
         "config": {

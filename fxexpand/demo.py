@@ -8,7 +8,6 @@ onnxruntime and prints one table. Nothing is downloaded: the data ships with sci
 
 from __future__ import annotations
 
-import copy
 import statistics
 import tempfile
 import time

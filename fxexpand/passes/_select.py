@@ -16,7 +16,7 @@ called from exactly one place (rule 7). Selection modes (the ``targets`` argumen
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch.fx as fx
 import torch.nn.functional as F
@@ -204,14 +204,3 @@ def _act_kwargs(m: nn.Module) -> dict:
     if isinstance(m, nn.Hardtanh) and not isinstance(m, nn.ReLU6):
         return {"min_val": m.min_val, "max_val": m.max_val}
     return {}
-
-
-def install(gm: fx.GraphModule, name: str, region: nn.Module) -> None:
-    """Put ``region`` at ``name`` (the call_module node keeps its target)."""
-    from ..graph import set_module
-
-    set_module(gm, name, region)
-
-
-def names(nodes: Iterable[fx.Node]) -> list[str]:
-    return [n.target for n in nodes]

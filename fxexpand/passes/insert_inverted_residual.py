@@ -25,11 +25,11 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from ..graph import CONV_TYPES, _norm_padding
+from ..graph import CONV_TYPES, _norm_padding, set_module
 from ..infra import Pass, PassResult, register_pass
 from ..modules import Residual
 from ..provenance import ExpandedRegion
-from ._select import activation_near, conv_problem, install, select_targets
+from ._select import activation_near, conv_problem, select_targets
 
 __all__ = ["InsertInvertedResidualPass", "InsertInvertedResidual"]
 
@@ -115,7 +115,7 @@ class InsertInvertedResidualPass(Pass):
             conv = gm.get_submodule(node.target)
             act = self.activation() if self.activation is not None else activation_near(gm, node)
             body = self.build_block(conv, act).to(device=conv.weight.device, dtype=conv.weight.dtype)
-            install(gm, node.target, ExpandedRegion(body, conv, method="InsertInvertedResidual"))
+            set_module(gm, node.target, ExpandedRegion(body, conv, method="InsertInvertedResidual"))
             notes.append(self.note("expanded", node.target,
                                    f"inverted residual x{self.ratio}, {type(act).__name__}"
                                    + (", shortcut" if isinstance(body, Residual) else "")))

@@ -31,10 +31,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..graph import CONV_TYPES, _norm_padding
+from ..graph import CONV_TYPES, _norm_padding, set_module
 from ..infra import Pass, PassResult, register_pass
 from ..provenance import ExpandedRegion
-from ._select import conv_problem, install, select_targets
+from ._select import conv_problem, select_targets
 
 __all__ = ["LinearExpandPass", "LinearExpand", "preserve_factors"]
 
@@ -131,7 +131,7 @@ class LinearExpandPass(Pass):
             body = self.build_block(layer).to(device=layer.weight.device, dtype=layer.weight.dtype)
             if self.init == "preserve":
                 preserve_factors(layer, body, gen)
-            install(gm, node.target, ExpandedRegion(body, layer, method=f"LinearExpand[{self.mode}]"))
+            set_module(gm, node.target, ExpandedRegion(body, layer, method=f"LinearExpand[{self.mode}]"))
             notes.append(self.note("expanded", node.target, f"{self.mode} x{self.ratio}, init={self.init}"))
         return PassResult(gm, bool(chosen), notes)
 
