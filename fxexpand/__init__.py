@@ -1,7 +1,8 @@
 """fxexpand: expansion-then-contraction training of compact networks as torch.fx graph rewrites.
 
 Entry points: :func:`trace`, :func:`compile`, :func:`contract`, :func:`verify`, :func:`export_onnx`,
-:func:`benchmark_onnx`, :func:`save` / :func:`load`. Passes live in :mod:`fxexpand.passes`.
+:func:`benchmark_onnx`, :func:`save` / :func:`load`; Network Expansion with :class:`GrowthPlan` and
+:class:`EMA`. Passes live in :mod:`fxexpand.passes`.
 """
 
 from .api import ContractReport, compile, contract
@@ -19,7 +20,9 @@ from .errors import (
     PreconditionError,
     TraceError,
 )
+from .ema import EMA
 from .export import export_onnx
+from .growth import GrowthPlan, Stage, find_chains, rebuild_optimizer
 from .infra import Note, Pass, PassManager, PassResult, build_pass, get_pass, register_pass, registered_passes
 from .io import build_model, load, register_factory, save
 from .modules import DecayActivation
@@ -33,7 +36,7 @@ from .verify import VerifyReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "recipes", "expansion_report", "report_table", "LinearDecay", "set_decay", "get_decay",
+    "recipes", "GrowthPlan", "Stage", "EMA", "find_chains", "rebuild_optimizer", "expansion_report", "report_table", "LinearDecay", "set_decay", "get_decay",
     "trace", "compile", "contract", "verify", "export_onnx", "benchmark_onnx", "compare_onnx",
     "save", "load", "build_model", "register_factory", "count_flops", "count_parameters",
     "Pass", "PassResult", "PassManager", "Note", "register_pass", "registered_passes", "get_pass", "build_pass",

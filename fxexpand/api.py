@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import itertools
+import weakref
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Sequence
@@ -99,7 +101,11 @@ def compile(  # noqa: A001 - mirrors torch.compile's name on purpose
         raise TypeError(f"compile expects an nn.Module, got {type(model).__name__}")
     pass_objs = [build_pass(p) for p in passes]
     training = model.training
-    gm = trace(copy.deepcopy(model), leaf_modules=leaf_modules, concrete_args=concrete_args)
+    work = copy.deepcopy(model)
+    gm = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    # records kept on a GraphModule input (e.g. GrowthPlan's growth record) carry over
+    for name, value in (getattr(work, "meta", None) or {}).get("_user_preserved_attributes", {}).items():
+        keep_attr(gm, name, value)
     if example_inputs is not None:
         propagate_shapes(gm, example_inputs)
     pm = PassManager(passes=pass_objs, verify_each=verify_each, example_inputs=example_inputs)
@@ -107,6 +113,7 @@ def compile(  # noqa: A001 - mirrors torch.compile's name on purpose
     out = result.graph_module
     out.recompile()
     out.train(training)
+    _record_origin(model, out)
     keep_attr(out, "fxexpand_notes", list(getattr(model, "fxexpand_notes", [])) + list(result.notes))
     keep_attr(out, "_fxexpand_factory", getattr(model, "_fxexpand_factory", None))
     # state_dict metadata: models such as MNASNet read the root's version when loading
@@ -114,6 +121,36 @@ def compile(  # noqa: A001 - mirrors torch.compile's name on purpose
     keep_attr(out, "_fxexpand_recipe",
               list(getattr(model, "_fxexpand_recipe", [])) + [_pass_spec(p) for p in pass_objs])
     return out
+
+
+def _record_origin(model: nn.Module, out: fx.GraphModule) -> None:
+    """Remember, for every parameter and buffer of ``out``, the tensor of ``model`` it continues
+    (``out._fxexpand_origin[name] = (old name, weakref)``), following renames recorded by passes in
+    ``meta["fxexpand_renames"]`` ({new module name: old name, or None for a new module}). Used by
+    :func:`fxexpand.rebuild_optimizer` and :class:`fxexpand.EMA` after growth."""
+    renames = out.meta.pop("fxexpand_renames", None) or {}
+    copied = out.meta.pop("fxexpand_copied_from", None) or {}
+    old = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+
+    def old_name(name: str, table: dict) -> tuple[bool, str | None]:
+        parts = name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:i])
+            if prefix in table:
+                src = table[prefix]
+                return True, (None if src is None else ".".join([src] + parts[i:]))
+        return False, name
+
+    origin, copied_from = {}, {}
+    for name, t in itertools.chain(out.named_parameters(), out.named_buffers()):
+        _, src = old_name(name, renames)
+        if src is not None and src in old:
+            origin[name] = (src, weakref.ref(old[src]))
+        hit, c = old_name(name, copied)
+        if hit and c is not None:
+            copied_from[name] = c
+    out._fxexpand_origin = origin
+    out._fxexpand_copied_from = copied_from
 
 
 def keep_attr(gm: fx.GraphModule, name: str, value: Any) -> None:

@@ -37,6 +37,9 @@ class _FxExpandTracer(fx.Tracer):
         self._leaf_types = leaf_types
         self._leaf_names = leaf_names
         self.failed_module: tuple[str, str] | None = None
+        # every module call seen while tracing: (qualified name, module, first input node, output
+        # node, index of the first node created by the call, index after the last one)
+        self.module_calls: list[tuple[str, nn.Module, fx.Node | None, fx.Node | None, int, int]] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
@@ -47,7 +50,16 @@ class _FxExpandTracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         try:
-            return super().call_module(m, forward, args, kwargs)
+            start = len(self.graph.nodes)
+            out = super().call_module(m, forward, args, kwargs)
+            first = args[0] if args else None
+            self.module_calls.append((
+                self.path_of_module(m), m,
+                first.node if isinstance(first, fx.Proxy) else None,
+                out.node if isinstance(out, fx.Proxy) else None,
+                start, len(self.graph.nodes),
+            ))
+            return out
         except Exception:
             if self.failed_module is None:
                 try:
@@ -103,11 +115,30 @@ def trace(
             (contraction does this); by default each region stays one opaque call, so the traced
             module keeps the region objects and their provenance.
 
-    :class:`~fxexpand.modules.DecayActivation` is always kept as a single call.
+    :class:`~fxexpand.modules.DecayActivation` is always kept as a single call. When ``model`` is
+    itself a GraphModule, its ``call_module`` calls stay single calls (they were leaves when it was
+    traced), except that ``inline_regions=True`` traces through everything traceable.
 
     Raises:
         TraceError: if torch.fx cannot trace the model; the message names the module and the line.
     """
+    return trace_with_calls(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                            inline_regions=inline_regions)[0]
+
+
+ModuleCall = tuple  # (qualified name, module, first input node, output node, first node index, end index)
+
+
+def trace_with_calls(
+    model: nn.Module,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    inline_regions: bool = False,
+) -> tuple[fx.GraphModule, list[ModuleCall]]:
+    """:func:`trace`, also returning every module call seen while tracing, in call order:
+    ``(qualified name, module, first input node, output node, start, end)`` where the call created
+    the graph's nodes ``start .. end-1`` (positions in ``gm.graph.nodes``)."""
     if not isinstance(model, nn.Module):
         raise TraceError(f"fxexpand.trace expects a torch.nn.Module, got {type(model).__name__}")
     leaf_modules = tuple(leaf_modules)
@@ -121,6 +152,8 @@ def trace(
     if not inline_regions:
         leaf_types += (ExpandedRegion,)
     leaf_names = frozenset(x for x in leaf_modules if isinstance(x, str))
+    if isinstance(model, fx.GraphModule) and not inline_regions:
+        leaf_names |= {str(n.target) for n in model.graph.nodes if n.op == "call_module"}
     tracer = _FxExpandTracer(leaf_types, leaf_names)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
@@ -149,4 +182,4 @@ def trace(
         {name: (r.original_type, dict(r.original_config)) for name, r in find_regions(model).items()}
         if inline_regions else {}
     )
-    return gm
+    return gm, tracer.module_calls

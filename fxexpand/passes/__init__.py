@@ -8,12 +8,17 @@ Contraction: :class:`FoldBatchNormPass` (``"fold_batchnorm"``), :class:`FuseLine
 Expansion: :class:`InsertInvertedResidualPass` (``"insert_inverted_residual"``, NetBooster),
 :class:`LinearExpandPass` (``"linear_expand"``, ExpandNets) and :class:`DecayActivationsPass`
 (``"decay_activations"``).
+
+Growth (Network Expansion): :class:`InsertEMABlocksPass` (``"insert_ema_blocks"``, depth) and
+:class:`GrowWidthPass` (``"grow_width"``, width).
 """
 
 from ..verify import Verify, VerifyPass
 from .decay_activations import DecayActivations, DecayActivationsPass
 from .fold_batchnorm import FoldBatchNorm, FoldBatchNormPass
 from .fuse_linear import FuseLinear, FuseLinearPass
+from .grow_width import GrowWidth, GrowWidthPass
+from .insert_ema_blocks import InsertEMABlocks, InsertEMABlocksPass
 from .insert_inverted_residual import InsertInvertedResidual, InsertInvertedResidualPass
 from .linear_expand import LinearExpand, LinearExpandPass
 from .remove_identity import RemoveIdentity, RemoveIdentityPass
@@ -23,6 +28,8 @@ __all__ = [
     "DecayActivations", "DecayActivationsPass",
     "FoldBatchNorm", "FoldBatchNormPass",
     "FuseLinear", "FuseLinearPass",
+    "GrowWidth", "GrowWidthPass",
+    "InsertEMABlocks", "InsertEMABlocksPass",
     "InsertInvertedResidual", "InsertInvertedResidualPass",
     "LinearExpand", "LinearExpandPass",
     "RemoveIdentity", "RemoveIdentityPass",

@@ -1,0 +1,84 @@
+"""GrowWidthPass: Network Expansion's width growth.
+
+Pattern: a model built by :meth:`fxexpand.GrowthPlan.initial_model` with ``width_factor`` (its
+channel groups and their full widths are recorded; see :mod:`fxexpand.passes._channels` for how
+groups are found with networkx).
+
+Rewrite: every channel group of full width C grows to ``max(current, floor(to·C))`` channels (C at
+``to=1``). The new output filters of each conv/linear producing the group are orthogonal to its
+existing filters and to each other (random directions in the SVD null space; random where the null
+space is too small). The new *incoming* weights of consumers for the new channels are zero with
+``init="preserve"`` — the grown model computes exactly the same function — or random with
+``init="orthogonal"`` (the paper's choice: the function changes at growth).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.fx as fx
+
+from ..errors import PreconditionError
+from ..infra import Pass, PassResult, register_pass
+
+__all__ = ["GrowWidthPass", "GrowWidth"]
+
+
+@register_pass("grow_width")
+@dataclass(kw_only=True)
+class GrowWidthPass(Pass):
+    """Grow every recorded channel group of a width-grown model to ``to`` of its full width.
+
+    Args:
+        to: target fraction of the full width, in (0, 1].
+        init: "preserve" (function unchanged) or "orthogonal" (random incoming weights, as the paper).
+        seed: seed of the random directions.
+    """
+
+    to: float = 1.0
+    init: Literal["preserve", "orthogonal"] = "preserve"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < float(self.to) <= 1:
+            raise ValueError(f"to must be in (0, 1], got {self.to!r}")
+        if self.init not in ("preserve", "orthogonal"):
+            raise ValueError("init must be 'preserve' or 'orthogonal'")
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        from ..api import propagate_shapes
+        from ._channels import analyse, resize
+
+        gm = graph_module
+        info = getattr(gm, "_fxexpand_growth", None)
+        if not info or info.get("mode") != "width":
+            raise PreconditionError(
+                "GrowWidth grows models built by fxexpand.GrowthPlan(..., width_factor=...).initial_model() "
+                "(their channel groups and full widths are recorded); build the start model with it")
+        if any("tensor_meta" not in n.meta for n in gm.graph.nodes if n.op != "output"):
+            dtype = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
+            inputs = tuple(torch.zeros(shape, dtype=dtype.get(dt, torch.float32)) for shape, dt in info["inputs"])
+            propagate_shapes(gm, inputs)
+        an = analyse(gm)
+        full = info["groups"]
+        missing = sorted(set(full) - set(an.members))
+        if missing:
+            raise PreconditionError(f"the model's channel groups do not match its growth record (missing {missing})")
+        targets = {}
+        for gid, c_full in full.items():
+            cur = an.group_size(gid)
+            want = max(cur, max(1, math.floor(float(self.to) * c_full + 1e-9)))
+            if want != cur:
+                targets[gid] = want
+        if not targets:
+            return PassResult(gm, False, [self.note("skipped", "model", f"every group is already at {self.to}")])
+        resize(gm, an, targets, init=self.init, seed=self.seed)
+        notes = [self.note("grew", gid, f"{an.group_size(gid)} -> {n} channels") for gid, n in targets.items()]
+        return PassResult(gm, True, notes)
+
+
+GrowWidth = GrowWidthPass

@@ -1,0 +1,168 @@
+"""InsertEMABlocksPass: Network Expansion's depth growth.
+
+Pattern: the chains of a model built by :meth:`fxexpand.GrowthPlan.initial_model` (their blocks
+are single ``call_module`` calls, recorded in the model's growth record).
+
+Rewrite: insert ``count`` blocks into each chain, each a deep copy of a block of the *EMA model*
+(Network Expansion copies the averaged weights, not the trained ones). By default the copies are
+the top blocks of the EMA stack, interleaved from the end: with k blocks and c new ones, a copy of
+EMA block k-1 goes right after block k-1, a copy of EMA block k-2 right after block k-2, and so on
+(wrapping around if c > k). ``positions`` gives the blocks to copy-and-follow explicitly.
+
+Naming: a chain of m of the full model's n blocks uses the full model's names at
+:func:`fxexpand.growth.spread` (n, m) — evenly spaced, in order. Blocks are renamed as the chain
+grows, so at the last stage the names (and ``state_dict`` keys) are exactly the full model's.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from ..errors import PreconditionError
+from ..graph import get_module, set_module
+from ..infra import Pass, PassResult, register_pass
+
+__all__ = ["InsertEMABlocksPass", "InsertEMABlocks"]
+
+
+@register_pass("insert_ema_blocks")
+@dataclass(kw_only=True)
+class InsertEMABlocksPass(Pass):
+    """Insert copies of EMA-model blocks into the chains of a growing model.
+
+    Args:
+        ema_model: the EMA of the model being grown (``fxexpand.EMA(...).module``); same
+            architecture as the model.
+        count: blocks to insert: an int (every growable chain) or ``{chain id: int}``
+            (``Stage.new_blocks``).
+        positions: optional ``{chain id: [block index, ...]}`` (or a list for every chain): after
+            each listed block of the current chain insert a copy of the EMA model's same block.
+    """
+
+    ema_model: nn.Module
+    count: Any = 1
+    positions: Any = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        counts = self.count.values() if isinstance(self.count, dict) else [self.count]
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            raise ValueError(f"count must be a non-negative int or a dict of them, got {self.count!r}")
+        if self.positions is not None and not isinstance(self.positions, (list, tuple, dict)):
+            raise TypeError("positions must be a list of block indices or a dict {chain id: list}")
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        gm = graph_module
+        info = getattr(gm, "_fxexpand_growth", None)
+        if not info or info.get("mode") != "depth":
+            raise PreconditionError(
+                "InsertEMABlocks grows models built by fxexpand.GrowthPlan(..., depth_factor=...)"
+                ".initial_model() (their chains of blocks are recorded); build the start model with it")
+        chains = info["chains"]
+        if isinstance(self.count, dict):
+            unknown = sorted(set(self.count) - set(chains))
+            if unknown:
+                raise PreconditionError(f"unknown chain(s) {unknown}; the chains are {sorted(chains)}")
+        renames: dict[str, str | None] = {}
+        copied_from: dict[str, str] = {}
+        notes = []
+        modified = False
+        for cid, ch in chains.items():
+            count = self.count.get(cid, 0) if isinstance(self.count, dict) else self.count
+            members, slots = list(ch["members"]), list(ch["slots"])
+            k, n = len(members), len(slots)
+            count = min(count, n - k) if not isinstance(self.count, dict) else count
+            if count == 0:
+                continue
+            if k + count > n:
+                raise PreconditionError(f"chain {cid} has {k} of {n} blocks; cannot insert {count} more")
+            pos = self._positions(cid, k, count)
+            nodes = _chain_nodes(gm, members)
+            for a, b in zip(nodes, nodes[1:]):
+                if b.args[0] is not a:
+                    raise PreconditionError(f"chain {cid}: {b.target} does not follow {a.target} any more")
+            # the new sequence: ("old", j) or ("new", j) = copy of EMA block j
+            seq: list[tuple[str, int]] = []
+            for j in range(k):
+                seq.append(("old", j))
+                seq.extend(("new", j) for _ in range(pos.count(j)))
+            from ..growth import spread
+
+            names = [slots[i] for i in spread(n, len(seq))]
+            # 1. move the existing blocks out of the way, 2. place everything at its new name
+            tmp = {}
+            for j, name in enumerate(members):
+                t = f"_fxexpand_grow_{j}"
+                tmp[j] = (get_module(gm, name), t)
+                gm.delete_submodule(name)
+            cur = nodes[0].args[0]
+            for (kind, j), name in zip(seq, names):
+                if kind == "old":
+                    node = nodes[j]
+                    node.target = name
+                    set_module(gm, name, tmp[j][0])
+                    renames[name] = members[j]
+                else:
+                    src = get_module(self.ema_model, members[j]) if _has(self.ema_model, members[j]) else None
+                    if src is None or type(src) is not type(tmp[j][0]) or _shapes(src) != _shapes(tmp[j][0]):
+                        raise PreconditionError(
+                            f"the EMA model's {members[j]} does not match the model's block (is it the EMA "
+                            "of this model, taken before growing?)")
+                    block = copy.deepcopy(src)
+                    block.train(tmp[j][0].training)
+                    for p in block.parameters():
+                        p.requires_grad_(True)
+                    set_module(gm, name, block)
+                    with gm.graph.inserting_after(cur):
+                        node = gm.graph.call_module(name, (cur,))
+                    cur.replace_all_uses_with(node, delete_user_cb=lambda u, node=node: u is not node)
+                    renames[name] = None
+                    copied_from[name] = members[j]
+                cur = node
+            ch["members"] = names
+            modified = True
+            notes.append(self.note("grew", cid, f"{k} -> {len(names)} blocks, copies of EMA "
+                                                f"{sorted({members[j] for j in pos})}"))
+        if modified:
+            gm.graph.lint()
+            gm.recompile()
+            gm.meta["fxexpand_renames"] = renames
+            gm.meta["fxexpand_copied_from"] = copied_from
+        return PassResult(gm, modified, notes)
+
+    def _positions(self, cid: str, k: int, count: int) -> list[int]:
+        pos = self.positions
+        if isinstance(pos, dict):
+            pos = pos.get(cid)
+        if pos is None:
+            return [(k - 1 - i) % k for i in range(count)]
+        pos = list(pos)
+        if len(pos) != count or not all(isinstance(p, int) and 0 <= p < k for p in pos):
+            raise PreconditionError(f"chain {cid}: positions must be {count} block indices in 0..{k - 1}, got {pos}")
+        return pos
+
+
+def _chain_nodes(gm: fx.GraphModule, members: list[str]) -> list[fx.Node]:
+    from ..growth import _chain_nodes as impl
+
+    return impl(gm, members)
+
+
+def _has(root: nn.Module, name: str) -> bool:
+    try:
+        get_module(root, name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _shapes(m: nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+InsertEMABlocks = InsertEMABlocksPass
