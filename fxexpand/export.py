@@ -42,6 +42,69 @@ def check_output_path(path: str | os.PathLike) -> Path:
     return p
 
 
+def _same_pads(kernel, dilation) -> tuple[list[int], list[int]]:
+    """(total padding per dim, F.pad list: last dim first, (left, right) each) of padding='same'."""
+    totals = [int(d) * (int(k) - 1) for k, d in zip(kernel, dilation)]
+    pads: list[int] = []
+    for t in reversed(totals):
+        pads += [t // 2, t - t // 2]
+    return totals, pads
+
+
+def explicit_same_padding(model: nn.Module) -> nn.Module:
+    """Rewrite ``padding="same"`` convs of ``model`` (in place) to explicit zero padding.
+
+    The ONNX exporter writes them as ``auto_pad=SAME_UPPER``, which onnxruntime refuses for dilated
+    kernels ("Dilation not supported for AutoPadType::SAME_UPPER"). A symmetric padding becomes a
+    number; an asymmetric one (even effective kernel) becomes a zero pad op before an unpadded conv.
+    Covers conv modules and, in a GraphModule, ``F.conv1d/2d/3d`` calls.
+    """
+    import torch.fx as fx
+    import torch.nn.functional as F
+
+    from .graph import CONV_TYPES, _arg, _get_attr, set_module
+
+    for name, mod in list(model.named_modules()):
+        if not name or type(mod) not in CONV_TYPES.values() or mod.padding != "same" or mod.padding_mode != "zeros":
+            continue
+        totals, pads = _same_pads(mod.kernel_size, mod.dilation)
+        if all(t % 2 == 0 for t in totals):
+            mod.padding = tuple(t // 2 for t in totals)
+        else:
+            mod.padding = (0,) * len(totals)
+            pad = getattr(nn, f"ConstantPad{len(totals)}d")(tuple(pads), 0.0)
+            set_module(model, name, nn.Sequential(pad, mod))
+    if isinstance(model, fx.GraphModule):
+        funcs = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+        changed = False
+        for node in list(model.graph.nodes):
+            if node.op != "call_function" or node.target not in funcs or _arg(node, 4, "padding", 0) != "same":
+                continue
+            weight = _arg(node, 1, "weight")
+            if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+                continue
+            w = _get_attr(model, weight.target)
+            if not isinstance(w, torch.Tensor):
+                continue
+            nd = funcs[node.target]
+            dil = _arg(node, 5, "dilation", 1)
+            dil = (dil,) * nd if isinstance(dil, int) else tuple(dil) * (nd if len(tuple(dil)) == 1 else 1)
+            totals, pads = _same_pads(tuple(w.shape[2:]), dil)
+            inp, bias = _arg(node, 0, "input"), _arg(node, 2, "bias")
+            stride, groups = _arg(node, 3, "stride", 1), _arg(node, 6, "groups", 1)
+            if all(t % 2 == 0 for t in totals):
+                padding = tuple(t // 2 for t in totals)
+            else:
+                with model.graph.inserting_before(node):
+                    inp = model.graph.call_function(F.pad, (inp, tuple(pads)))
+                padding = (0,) * nd
+            node.args, node.kwargs = (inp, weight, bias, stride, padding, dil, groups), {}
+            changed = True
+        if changed:
+            model.recompile()
+    return model
+
+
 def _torch_export(model: nn.Module, inputs: tuple, path: str, opset: int | None, dynamo: bool) -> None:
     kwargs: dict[str, Any] = dict(input_names=[f"input_{i}" for i in range(len(inputs))])
     if opset is not None:
@@ -86,7 +149,7 @@ def export_onnx(
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if not all(isinstance(t, torch.Tensor) for t in inputs):
         raise InputError("export_onnx needs example_inputs made of tensors")
-    m = copy.deepcopy(model).eval()
+    m = explicit_same_padding(copy.deepcopy(model).eval())
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=str(dest.parent if str(dest.parent) else "."))
     os.close(fd)
     try:

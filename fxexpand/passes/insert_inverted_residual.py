@@ -8,7 +8,8 @@ Rewrite (installed as an :class:`~fxexpand.provenance.ExpandedRegion` at the con
     1x1 expand (C_in → R·C_in, groups g, padding p) → BN → act
       → depthwise (kernel 1, or k with dilation d for kernel_size="match"; stride s; unpadded) → BN → act
       → 1x1 project (R·C_in → C_out, groups g, bias as the original)
-    (+ identity shortcut when C_in == C_out, stride 1 and the output grid equals the input's)
+    (+ identity shortcut when C_in == C_out, stride 1, the output grid equals the input's and the
+     input position falls on a tap of the original kernel: padding a multiple of the dilation)
 
 Exactness (DESIGN rules 1–4): the padding sits on the *first* conv of the chain, so once the
 activations decay to the identity, BN folding and conv∘conv fusion give back one conv with the
@@ -99,8 +100,10 @@ class InsertInvertedResidualPass(Pass):
             _clone(act),
             Conv(hidden, cout, 1, groups=g, bias=conv.bias is not None),
         )
+        # the shortcut must land on a tap of the original kernel (p a multiple of d), or the
+        # contracted conv + identity kernel is not a conv of the original geometry (e.g. k=4, d=2)
         same_grid = all(s == 1 for s in conv.stride) and all(
-            2 * p == d * (kk - 1) for p, d, kk in zip(pad, conv.dilation, conv.kernel_size))
+            2 * p == d * (kk - 1) and p % d == 0 for p, d, kk in zip(pad, conv.dilation, conv.kernel_size))
         if self.shortcut and cin == cout and same_grid:
             body = Residual(body)
         return body

@@ -81,8 +81,10 @@ class RestoreOriginalPass(Pass):
         if op.kind == "conv":
             nd = op.nd
             k, d = tuple(layer.kernel_size), _tup(layer.dilation, nd)
-            geom = (_tup(layer.stride, nd), _norm_padding(layer.padding, k, d), d, layer.groups)
-            got = (op.stride, op.padding, op.dilation, op.groups)
+            # dilation is irrelevant along a kernel-1 dimension (the fused op normalises it to 1)
+            geom = (_tup(layer.stride, nd), _norm_padding(layer.padding, k, d),
+                    tuple(dd if kk > 1 else 1 for dd, kk in zip(d, k)), layer.groups)
+            got = (op.stride, op.padding, tuple(dd if kk > 1 else 1 for dd, kk in zip(op.dilation, k)), op.groups)
             if geom != got:
                 raise ContractionError(f"region {rname} contracted to stride/padding/dilation/groups {got}, "
                                        f"but the original layer has {geom}")

@@ -1,0 +1,320 @@
+"""Property checks run on generated models (by the tests, and by ``python -m fxexpand.testing sweep``)."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import ContractionError, EquivalenceError
+from ..infra import Pass, PassManager, PassResult
+
+__all__ = [
+    "CheckResult",
+    "EXPANSIONS",
+    "CONTRACTION_PASSES",
+    "check_expansion",
+    "check_deploy",
+    "check_pass",
+    "check_verify_each",
+    "BreakOutputPass",
+    "rel_error",
+]
+
+RTOL64 = 1e-9
+
+
+def _expansions() -> dict[str, Callable[[], list]]:
+    from .. import recipes
+    from ..passes import DecayActivations, InsertInvertedResidual, LinearExpand
+
+    return {
+        "netbooster": lambda: recipes.netbooster(),
+        "netbooster-match": lambda: recipes.netbooster(kernel_size="match", ratio=2),
+        "inverted_residual-all": lambda: [InsertInvertedResidual(fraction=1.0, ratio=2), DecayActivations()],
+        "inverted_residual-match-blend": lambda: [
+            InsertInvertedResidual(fraction=1.0, ratio=2, kernel_size="match", shortcut=False),
+            DecayActivations(kind="blend")],
+        "expandnets-cl": lambda: recipes.expandnets("CL", ratio=2),
+        "expandnets-ck": lambda: recipes.expandnets("CK", ratio=2, fc=False),
+        "expandnets-fc2": lambda: [LinearExpand(mode="FC", ratio=2, fc_layers=2)],
+        "expandnets-cl-preserve": lambda: [LinearExpand(mode="CL", ratio=2, init="preserve", fraction=0.5)],
+    }
+
+
+#: expansion configurations checked by :func:`check_expansion`: name -> factory of a pass list
+EXPANSIONS: dict[str, Callable[[], list]] = _expansions()
+
+
+def _contraction_passes() -> dict[str, Callable[[], Pass]]:
+    from ..passes import FoldBatchNorm, FuseLinear, RemoveIdentity
+
+    return {
+        "remove_identity": lambda: RemoveIdentity(),
+        "fold_batchnorm": lambda: FoldBatchNorm(),
+        "fuse_linear": lambda: FuseLinear(),
+        "fuse_linear(allow_flop_increase)": lambda: FuseLinear(allow_flop_increase=True),
+    }
+
+
+#: function-preserving passes checked by :func:`check_pass`: name -> factory
+CONTRACTION_PASSES: dict[str, Callable[[], Pass]] = _contraction_passes()
+
+
+@dataclass
+class CheckResult:
+    """Outcome of one check: ``status`` is ``"ok"``, ``"not applicable"`` (the pass did not apply)
+    or ``"refused"`` (a documented refusal, with its reason); failures raise ``AssertionError``
+    or an fxexpand error instead."""
+
+    check: str
+    status: str
+    detail: str = ""
+    errors: dict[str, float] = field(default_factory=dict)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max|a - b| / max|a|`` (0 when both are all zero)."""
+    a, b = a.detach().double(), b.detach().double()
+    err = float((a - b).abs().max()) if a.numel() else 0.0
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    return err / scale if scale > 0 else err
+
+
+def _snapshot(model: nn.Module) -> tuple[dict, str, dict]:
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()}, repr(model),
+            {n: m.training for n, m in model.named_modules()})
+
+
+def _assert_unchanged(model: nn.Module, snap: tuple[dict, str, dict], what: str) -> None:
+    state, text, flags = snap
+    now = model.state_dict()
+    assert set(now) == set(state), f"{what} changed the input model's state_dict keys"
+    for k, v in state.items():
+        assert now[k].dtype == v.dtype and torch.equal(now[k], v), f"{what} modified the input model's {k}"
+    assert repr(model) == text, f"{what} changed the input model's structure"
+    assert {n: m.training for n, m in model.named_modules()} == flags, f"{what} changed training flags"
+
+
+def _random_inputs(inputs: tuple, gen: torch.Generator, n: int) -> list[tuple]:
+    out = [tuple(inputs)]
+    for _ in range(n - 1):
+        out.append(tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in inputs))
+    return out
+
+
+def _compare(ref: nn.Module, cand: nn.Module, trials: list[tuple], what: str, rtol: float) -> float:
+    worst = 0.0
+    with torch.no_grad():
+        for xs in trials:
+            a, b = ref(*xs), cand(*xs)
+            assert a.shape == b.shape, f"{what}: output shape {tuple(b.shape)} != {tuple(a.shape)}"
+            e = rel_error(a, b)
+            assert e <= rtol, f"{what}: relative error {e:.3e} > {rtol:.0e}"
+            worst = max(worst, e)
+    return worst
+
+
+def _flops(model: nn.Module, inputs: tuple) -> int:
+    from ..cost import count_flops
+
+    return count_flops(model, inputs)
+
+
+def _documented_refusal(e: ContractionError) -> str | None:
+    """The reason if ``e`` is a refusal the docs promise (a bias the original layer cannot hold)."""
+    msg = str(e)
+    if "bias=False" in msg and "absorb" in msg:
+        return "bias with nowhere to go (original layer has bias=False and no BatchNorm follows)"
+    return None
+
+
+def check_expansion(model: nn.Module, example_inputs: tuple, passes: str | Sequence[Any], *, steps: int = 2,
+                    seed: int = 0, deploy: bool = True) -> CheckResult:
+    """Expand -> train -> alpha = 1 -> contract back, in float64, and check the round trip.
+
+    ``passes`` is a name from :data:`EXPANSIONS` or a list of passes. Checks: ``compile`` and
+    ``contract`` leave their input untouched; the contracted model (target ``"original"``) has the
+    original's state_dict keys and shapes and loads strictly into a copy of it; that copy's outputs
+    equal the expanded model's to ``1e-9`` relative on three inputs; FLOPs equal the original's;
+    ``contract(target="deploy")`` matches as well and does not increase FLOPs.
+    """
+    from ..api import compile as fx_compile, contract
+    from ..provenance import find_regions
+    from ..schedule import decay_modules, set_decay
+
+    name = passes if isinstance(passes, str) else "custom"
+    pass_list = EXPANSIONS[passes]() if isinstance(passes, str) else list(passes)
+    m64 = copy.deepcopy(model).double().eval()
+    x64 = tuple(t.double() if t.is_floating_point() else t for t in example_inputs)
+    snap = _snapshot(m64)
+    expanded = fx_compile(m64, passes=pass_list, example_inputs=x64)
+    _assert_unchanged(m64, snap, f"compile({name})")
+    regions = find_regions(expanded)
+    if not regions:
+        return CheckResult(f"expand[{name}]", "not applicable", "no layer was expanded")
+    gen = torch.Generator().manual_seed(seed)
+    expanded.train()
+    opt = torch.optim.SGD(expanded.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(steps):
+        xs = tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in x64)
+        out = expanded(*xs)
+        loss = (out - torch.randn(out.shape, generator=gen, dtype=out.dtype)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if decay_modules(expanded):
+        set_decay(expanded, 1.0)
+    expanded.eval()
+    snap_e = _snapshot(expanded)
+    try:
+        small = contract(expanded, x64, target="original")
+    except ContractionError as e:
+        why = _documented_refusal(e)
+        if why is None:
+            raise
+        return CheckResult(f"expand[{name}]", "refused", why)
+    _assert_unchanged(expanded, snap_e, "contract(target='original')")
+    sd_o, sd_s = m64.state_dict(), small.state_dict()
+    assert list(sd_s) == list(sd_o) or set(sd_s) == set(sd_o), (
+        f"contracted state_dict keys differ: missing {sorted(set(sd_o) - set(sd_s))}, "
+        f"extra {sorted(set(sd_s) - set(sd_o))}")
+    for k, v in sd_o.items():
+        assert sd_s[k].shape == v.shape, f"{k}: contracted shape {tuple(sd_s[k].shape)} != original {tuple(v.shape)}"
+    restored = copy.deepcopy(m64)
+    restored.load_state_dict(sd_s, strict=True)
+    trials = _random_inputs(x64, gen, 3)
+    errors = {"original": _compare(expanded, restored, trials, f"expand[{name}] -> contract(original)", RTOL64)}
+    f_orig, f_small = _flops(m64, x64), _flops(restored, x64)
+    assert f_small == f_orig, f"contracted FLOPs {f_small} != original FLOPs {f_orig}"
+    if deploy:
+        dep = contract(expanded, x64, target="deploy")
+        errors["deploy"] = _compare(expanded, dep, trials, f"expand[{name}] -> contract(deploy)", RTOL64)
+        # inside a region the fusion restores the original layer, which may cost more than the expanded
+        # chain (a narrow bottleneck can be cheaper than a k x k conv): compare with the original
+        f_dep = _flops(dep, x64)
+        assert f_dep <= f_orig, f"contract(deploy) of the expanded model has more FLOPs than the original: " \
+            f"{f_dep} > {f_orig}"
+    return CheckResult(f"expand[{name}]", "ok", f"{len(regions)} region(s)", errors)
+
+
+def check_deploy(model: nn.Module, example_inputs: tuple, *, onnx: bool = True) -> CheckResult:
+    """``contract(target="deploy")`` in float32 on a generated model.
+
+    Checks: the input model is untouched; the float64 contraction (which ``contract`` carries out
+    to verify the algebra) matches to ``1e-9`` relative; FLOPs do not increase; with ``onnx``, the
+    exported contracted model runs in onnxruntime and matches torch (float32: ``1e-4`` relative
+    to the output's scale).
+    """
+    from ..api import contract
+
+    m = copy.deepcopy(model).eval()
+    snap = _snapshot(m)
+    small = contract(m, example_inputs, target="deploy")
+    _assert_unchanged(m, snap, "contract(target='deploy')")
+    ver = small.fxexpand_report.verification
+    e64 = ver.max_rel_error("float64")
+    assert e64 <= RTOL64, f"deploy contraction: float64 relative error {e64:.3e}"
+    f_in, f_out = _flops(m, example_inputs), _flops(small, example_inputs)
+    assert f_out <= f_in, f"contract(deploy) increased FLOPs: {f_in} -> {f_out}"
+    errors = {"float64": e64, "float32": ver.max_rel_error("float32")}
+    if onnx:
+        errors["onnx"] = _check_onnx(small, example_inputs)
+    return CheckResult("deploy", "ok", f"FLOPs {f_in} -> {f_out}", errors)
+
+
+def _check_onnx(model: nn.Module, inputs: tuple) -> float:
+    import onnxruntime as ort
+
+    from ..export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, inputs, Path(tmp) / "contracted.onnx")
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)})
+    with torch.no_grad():
+        want = model(*inputs)
+    e = rel_error(want, torch.from_numpy(got[0]))
+    assert e <= 1e-4, f"onnxruntime differs from torch by {e:.3e} relative"
+    return e
+
+
+def _traced64(model: nn.Module, inputs: tuple) -> tuple[nn.Module, fx.GraphModule, tuple]:
+    from ..api import propagate_shapes
+    from ..trace import trace
+
+    m64 = copy.deepcopy(model).double().eval()
+    x64 = tuple(t.double() for t in inputs)
+    gm = trace(copy.deepcopy(m64))
+    propagate_shapes(gm, x64)
+    return m64, gm, x64
+
+
+def check_pass(pass_factory: Callable[[], Pass] | str, model: nn.Module, example_inputs: tuple, *,
+               seed: int = 0) -> CheckResult:
+    """A function-preserving pass, run on a float64 trace of ``model``, keeps outputs to 1e-9.
+
+    ``pass_factory`` is a name from :data:`CONTRACTION_PASSES` or a callable returning a pass (your
+    own pass works too). The model is untouched and the rewritten graph lints.
+    """
+    name = pass_factory if isinstance(pass_factory, str) else "custom"
+    factory = CONTRACTION_PASSES[pass_factory] if isinstance(pass_factory, str) else pass_factory
+    snap = _snapshot(model)
+    m64, gm, x64 = _traced64(model, example_inputs)
+    res = factory()(gm)
+    out = res.graph_module
+    out.graph.lint()
+    out.recompile()
+    _assert_unchanged(model, snap, name)
+    trials = _random_inputs(x64, torch.Generator().manual_seed(seed), 3)
+    e = _compare(m64, out, trials, f"pass {name}", RTOL64)
+    status = "ok" if res.modified else "not applicable"
+    return CheckResult(f"pass[{name}]", status, f"{sum(n.action != 'skipped' for n in res.notes)} rewrite(s)",
+                       {"float64": e})
+
+
+class BreakOutputPass(Pass):
+    """A deliberately wrong pass (for testing ``verify_each``): scales the model's output by 1.001
+    and adds 1e-3, an error the float32 check (rtol 1e-4) must catch."""
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        g = graph_module.graph
+        out = next(n for n in g.nodes if n.op == "output")
+        val = out.args[0]
+        with g.inserting_before(out):
+            scaled = g.call_function(torch.mul, (val, 1.001))
+            shifted = g.call_function(torch.add, (scaled, 1e-3))
+        out.args = (shifted,)
+        return PassResult(graph_module, True)
+
+
+def check_verify_each(model: nn.Module, example_inputs: tuple, position: int) -> CheckResult:
+    """``PassManager(verify_each=True)`` names :class:`BreakOutputPass` (injected at ``position``
+    among the contraction passes) as the first pass that changed the function, and no other."""
+    from ..passes import FoldBatchNorm, FuseLinear, RemoveIdentity
+
+    good = [RemoveIdentity(), FoldBatchNorm(), FuseLinear()]
+    position = position % (len(good) + 1)
+    passes = good[:position] + [BreakOutputPass()] + good[position:]
+    m = copy.deepcopy(model).eval()
+    from ..api import propagate_shapes
+    from ..trace import trace
+
+    gm = trace(m)
+    propagate_shapes(gm, example_inputs)
+    pm = PassManager(passes=passes, verify_each=True, example_inputs=example_inputs)
+    try:
+        pm(gm)
+    except EquivalenceError as e:
+        msg = str(e)
+        assert msg.startswith("pass BreakOutputPass changed the model's function"), msg
+        before = ", ".join(p.name for p in good[:position]) or "none"
+        assert f"passes run before it: {before})" in msg, msg
+        return CheckResult("verify_each", "ok", f"named BreakOutputPass at position {position}")
+    raise AssertionError("verify_each did not catch the injected BreakOutputPass")
