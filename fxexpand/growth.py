@@ -16,7 +16,8 @@
 
 A **chain** is a maximal run of such calls of the *same class* where each block's output feeds only
 the next block. Chains may not overlap: where a container (a whole ``nn.Sequential`` stage that is
-itself shape-preserving) and the blocks inside it both qualify, the longer chain wins. Examples:
+itself shape-preserving) and the blocks inside it both qualify, the longer chain wins (between
+equally long ones, the outer). Examples:
 torchvision VisionTransformer's ``encoder.layers`` (12 ``EncoderBlock``), ResNet stage blocks after
 each stage's first (``layer1.0..layer1.1`` — ResNet-18's ``layer1.0`` keeps the shape — and the
 single-block chains ``layer2.1``, ...), MobileNetV2's residual ``InvertedResidual`` runs,
@@ -114,7 +115,7 @@ def find_chains(
     # no overlapping chains: the longest wins (a shape-preserving container loses to its blocks)
     accepted: list[list[tuple]] = []
     taken: list[tuple[int, int]] = []
-    for run in sorted(runs, key=lambda r: (-len(r), r[0][4])):
+    for run in sorted(runs, key=lambda r: (-len(r), r[0][4], r[0][4] - r[-1][5])):  # ties: the outer one
         spans = [(c[4], c[5]) for c in run]
         if any(s < te and ts < e for s, e in spans for ts, te in taken):
             continue

@@ -53,9 +53,10 @@ class _FxExpandTracer(fx.Tracer):
             start = len(self.graph.nodes)
             out = super().call_module(m, forward, args, kwargs)
             first = args[0] if args else None
+            others = [a for a in (*args[1:], *kwargs.values()) if isinstance(a, fx.Proxy)]
             self.module_calls.append((
                 self.path_of_module(m), m,
-                first.node if isinstance(first, fx.Proxy) else None,
+                first.node if isinstance(first, fx.Proxy) and not others else None,
                 out.node if isinstance(out, fx.Proxy) else None,
                 start, len(self.graph.nodes),
             ))
@@ -136,9 +137,10 @@ def trace_with_calls(
     concrete_args: dict[str, Any] | None = None,
     inline_regions: bool = False,
 ) -> tuple[fx.GraphModule, list[ModuleCall]]:
-    """:func:`trace`, also returning every module call seen while tracing, in call order:
-    ``(qualified name, module, first input node, output node, start, end)`` where the call created
-    the graph's nodes ``start .. end-1`` (positions in ``gm.graph.nodes``)."""
+    """:func:`trace`, also returning every module call seen while tracing, in the order the calls
+    returned: ``(qualified name, module, input node, output node, start, end)`` where the call
+    created the graph's nodes ``start .. end-1`` (positions in ``gm.graph.nodes``). The input node is
+    None unless the call's only traced argument is its first one."""
     if not isinstance(model, nn.Module):
         raise TraceError(f"fxexpand.trace expects a torch.nn.Module, got {type(model).__name__}")
     leaf_modules = tuple(leaf_modules)

@@ -54,6 +54,8 @@ _KEEP_METHODS = {"relu", "sigmoid", "tanh", "clone", "contiguous", "neg"}
 _BINARY = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub,
            torch.div, operator.iadd, operator.imul}
 _BINARY_METHODS = {"add", "mul", "sub", "div", "add_", "mul_"}
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 
 
 @dataclass
@@ -157,7 +159,12 @@ def analyse(gm: fx.GraphModule) -> ChannelAnalysis:
         if node.op == "call_module":
             mod = get_module(gm, node.target)
             shared = calls[node.target] > 1
-            if isinstance(mod, _CONVS) and not shared and lx is not None and lx.flat is None and len(ins) == 1:
+            if isinstance(mod, _CONVS) and not shared and lx is None and mod.groups == 1 and len(ins) <= 1:
+                # input width fixed (not a tracked tensor); the output can still be resized
+                s = space(f"{node.target}", mod.out_channels)
+                layers.append(Layer(node.target, "conv", node, None, s))
+                out = Layout((s,))
+            elif isinstance(mod, _CONVS) and not shared and lx is not None and lx.flat is None and len(ins) == 1:
                 if mod.groups == 1:
                     s = space(f"{node.target}", mod.out_channels)
                     layers.append(Layer(node.target, "conv", node, lx, s))
@@ -219,6 +226,12 @@ def analyse(gm: fx.GraphModule) -> ChannelAnalysis:
                 else:
                     for n in ins:
                         freeze(layout[n], f"{node.name} concatenates untracked tensors")
+            elif fn in _REDUCE_FUNCTIONS or (node.op == "call_method" and fn in _REDUCE_METHODS):
+                if lx is not None and lx.flat is None and len(ins) == 1 and _reduces_only_spatial(node):
+                    out = lx
+                else:
+                    for n in ins:
+                        freeze(layout[n], f"{node.name} ({getattr(fn, '__name__', fn)}) reduces over channels")
             elif _is_flatten(node) and lx is not None:
                 out = _flatten(x, lx)
             elif node.op == "call_method" and fn in ("size", "dim") or fn in (getattr, len) \
@@ -244,6 +257,18 @@ def analyse(gm: fx.GraphModule) -> ChannelAnalysis:
     for s, why in frozen_spaces.items():
         frozen.setdefault(group_of[s], why)
     return ChannelAnalysis(layers, size, group_of, members, frozen)
+
+
+def _reduces_only_spatial(node: fx.Node) -> bool:
+    """``x.mean((2, 3), keepdim=...)`` and the like: reduces dims ≥ 2 only (channels survive)."""
+    nd = _ndim(node.args[0])
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if nd is None or dims is None:
+        return False
+    dims = [dims] if isinstance(dims, int) else list(dims) if isinstance(dims, (list, tuple)) else None
+    if not dims or not all(isinstance(d, int) for d in dims):
+        return False
+    return all((d + nd if d < 0 else d) >= 2 for d in dims)
 
 
 def _cat_dim(node: fx.Node) -> int | None:
@@ -288,29 +313,34 @@ def _index_map(lay: Layout, old: dict[str, int], new: dict[str, int]) -> tuple[t
     return torch.cat(o_idx), torch.cat(n_idx), n_off * per
 
 
-def orthogonal_rows(existing: torch.Tensor, count: int, scale: float, generator: torch.Generator) -> torch.Tensor:
+def orthogonal_rows(existing: torch.Tensor, count: int, scale: float,
+                    generator: torch.Generator) -> tuple[torch.Tensor, int]:
     """``count`` new rows orthogonal to every row of ``existing`` ([n, d]) and to each other, each of
-    norm ``scale``: random directions in the null space of ``existing`` (from its SVD, in float64).
-    Where the null space has fewer than ``count`` dimensions the remaining rows are random."""
+    norm ``scale``: random directions projected onto the null space of ``existing`` (its row space
+    comes from a QR or, when the null space may be short, an SVD; in float64) and orthonormalised. Where the null space has fewer than
+    ``count`` dimensions the remaining rows are random. Returns the rows and how many are random."""
     d = existing.shape[1]
     e = existing.detach().double()
-    if e.shape[0]:
-        _, sv, vh = torch.linalg.svd(e, full_matrices=True)
-        tol = sv.max().item() * max(e.shape) * torch.finfo(torch.float64).eps if sv.numel() else 0.0
-        rank = int((sv > tol).sum())
-        null = vh[rank:]
-    else:
-        null = torch.eye(d, dtype=torch.float64)
-    k = min(count, null.shape[0])
+    basis = torch.zeros(0, d, dtype=torch.float64)
+    if e.shape[0] and e.abs().max() > 0:
+        if e.shape[0] + count <= d:
+            basis = torch.linalg.qr(e.T).Q.T           # orthonormal rows spanning the row space
+        else:                                          # the null space may be short: find the rank
+            _, sv, vh = torch.linalg.svd(e, full_matrices=False)
+            tol = sv.max().item() * max(e.shape) * torch.finfo(torch.float64).eps
+            basis = vh[: int((sv > tol).sum())]
+    k = min(count, d - basis.shape[0])
     rows = []
-    if k:
-        mix = torch.randn(null.shape[0], k, generator=generator, dtype=torch.float64)
-        q, _ = torch.linalg.qr(mix)            # k orthonormal combinations of the null-space basis
-        rows.append((q.T @ null) * scale)      # orthonormal rows, orthogonal to ``existing``
+    if k > 0:
+        g = torch.randn(k, d, generator=generator, dtype=torch.float64)
+        for _ in range(2):                             # project twice: orthogonal to working precision
+            g = g - (g @ basis.T) @ basis
+        q, _ = torch.linalg.qr(g.T)                    # orthonormal, still in the null space
+        rows.append(q.T * scale)
     if count > k:
         rest = torch.randn(count - k, d, generator=generator, dtype=torch.float64)
         rows.append(rest / rest.norm(dim=1, keepdim=True).clamp_min(1e-12) * scale)
-    return torch.cat(rows) if rows else torch.zeros(0, d, dtype=torch.float64)
+    return (torch.cat(rows) if rows else torch.zeros(0, d, dtype=torch.float64)), count - max(k, 0)
 
 
 def _row_scale(w: torch.Tensor) -> float:
@@ -329,8 +359,9 @@ def resize(gm: fx.GraphModule, an: ChannelAnalysis, new_group_size: dict[str, in
     new filters orthogonal to its existing ones (:func:`orthogonal_rows`); the new *incoming*
     weights of the existing output channels are zero with ``init="preserve"`` (the model computes
     exactly the same function) or random with ``init="orthogonal"`` (the paper's choice). New
-    BatchNorm channels start at weight 1, bias 0, mean 0, var 1. Returns, per resized layer, the old
-    and new shapes."""
+    BatchNorm channels start at weight 1, bias 0, mean 0, var 1. Returns, per resized layer, its kind
+    and ``random_rows``: how many new filters had to be random because the null space was too small
+    (a layer with fewer inputs·kernel entries than output filters)."""
     for gid in new_group_size:
         if gid in an.frozen:
             raise ValueError(f"channel group {gid} cannot be resized: {an.frozen[gid]}")
@@ -353,8 +384,9 @@ def resize(gm: fx.GraphModule, an: ChannelAnalysis, new_group_size: dict[str, in
             rep = _resize_dw(mod, la.inp, old, new, gen)
         else:
             rep = _resize_dense(mod, la, old, new, init, gen)
+        random_rows = rep.__dict__.pop("_fxexpand_random_rows", 0)
         set_module(gm, la.name, rep)
-        changed[la.name] = {"kind": la.kind}
+        changed[la.name] = {"kind": la.kind, "random_rows": random_rows}
     gm.recompile()
     return changed
 
@@ -432,8 +464,9 @@ def _resize_dense(mod: nn.Module, la: Layer, old, new, init: str, gen) -> nn.Mod
             fresh = torch.randn((k_keep, int(new_cols.sum())) + kshape, generator=gen, dtype=torch.float64)
             w[:k_keep, new_cols] = fresh * (scale / math.sqrt(max(1, cin_old * math.prod(kshape))))
         if cout > k_keep:
-            rows = orthogonal_rows(w[:k_keep].flatten(1), cout - k_keep, scale, gen)
+            rows, n_random = orthogonal_rows(w[:k_keep].flatten(1), cout - k_keep, scale, gen)
             w[k_keep:] = rows.view((cout - k_keep, cin) + kshape)
+            rep._fxexpand_random_rows = n_random
         rep.weight.copy_(w.to(w_old.dtype))
         if mod.bias is not None:
             b = _new_like(mod.bias, (cout,))

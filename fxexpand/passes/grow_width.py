@@ -60,8 +60,12 @@ class GrowWidthPass(Pass):
                 "GrowWidth grows models built by fxexpand.GrowthPlan(..., width_factor=...).initial_model() "
                 "(their channel groups and full widths are recorded); build the start model with it")
         if any("tensor_meta" not in n.meta for n in gm.graph.nodes if n.op != "output"):
-            dtype = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
-            inputs = tuple(torch.zeros(shape, dtype=dtype.get(dt, torch.float32)) for shape, dt in info["inputs"])
+            # zeros shaped like the recorded example inputs, in the model's floating dtype and device
+            p = next((t for t in gm.parameters() if t.is_floating_point()), None)
+            dtype = p.dtype if p is not None else torch.float32
+            device = p.device if p is not None else None
+            inputs = tuple(torch.zeros(shape, dtype=dtype if not dt.startswith("int") else getattr(torch, dt),
+                                       device=device) for shape, dt in info["inputs"])
             propagate_shapes(gm, inputs)
         an = analyse(gm)
         full = info["groups"]
@@ -76,8 +80,11 @@ class GrowWidthPass(Pass):
                 targets[gid] = want
         if not targets:
             return PassResult(gm, False, [self.note("skipped", "model", f"every group is already at {self.to}")])
-        resize(gm, an, targets, init=self.init, seed=self.seed)
+        changed = resize(gm, an, targets, init=self.init, seed=self.seed)
         notes = [self.note("grew", gid, f"{an.group_size(gid)} -> {n} channels") for gid, n in targets.items()]
+        notes += [self.note("random", name, f"{c['random_rows']} new filters are random, not orthogonal: "
+                                            "the layer has fewer inputs x kernel entries than filters")
+                  for name, c in changed.items() if c.get("random_rows")]
         return PassResult(gm, True, notes)
 
 
