@@ -218,10 +218,13 @@ def contract(
         expansion passes), so the result keeps the original architecture and state_dict keys.
         ``"deploy"``: also fold every BatchNorm and make every fusion that does not increase FLOPs.
 
-    The report (:class:`ContractReport`) is attached as ``result.fxexpand_report``.
+    The report (:class:`ContractReport`) is attached as ``result.fxexpand_report``; a layer type
+    no pass knows (LayerNorm, PReLU, a custom leaf module, ...) is left unchanged and listed there
+    as skipped.
 
     Raises:
-        InputError: the example inputs do not fit the model.
+        InputError: the example inputs do not fit the model, or its weights contain NaN/Inf.
+        ContractionError: an expanded region cannot be contracted exactly (e.g. alpha < 1).
         EquivalenceError: the contracted model does not match (a bug; please report it).
         TraceError, PassError: see their messages.
     """
@@ -231,6 +234,7 @@ def contract(
         raise TypeError(f"contract expects an nn.Module, got {type(model).__name__}")
     inputs = _as_tuple(example_inputs)
     _refuse_undecayed(model)
+    _refuse_nonfinite(model)
     opts = dict(target=target, leaf_modules=tuple(leaf_modules), concrete_args=concrete_args,
                 extra_passes=extra_passes, verify_each=verify_each, rtol=rtol, atol=atol)
     out, notes = _contract_once(copy.deepcopy(model), inputs, **opts)
@@ -283,7 +287,45 @@ def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, conc
     out.recompile()
     out.delete_all_unused_submodules()
     out.eval()
-    return out, notes
+    return out, notes + _unknown_layer_notes(out)
+
+
+def _unknown_layer_notes(gm: fx.GraphModule) -> list[Note]:
+    """A "skipped" note for every layer no pass knows: a module with weights of a type no pass
+    rewrites (LayerNorm, PReLU, an RNN, ...) or a module from outside torch.nn kept as a leaf call."""
+    from .graph import BN_MODULES, CONV_TYPES
+    from .modules import DecayActivation
+    from .provenance import ExpandedRegion
+
+    rewritten = (*CONV_TYPES.values(), nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                 *BN_MODULES, nn.Identity, nn.modules.dropout._DropoutNd, DecayActivation, ExpandedRegion)
+    notes, seen = [], set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in seen:
+            continue
+        seen.add(node.target)
+        m = gm.get_submodule(node.target)
+        if isinstance(m, rewritten):
+            continue
+        has_state = any(True for _ in m.parameters()) or any(True for _ in m.buffers())
+        foreign = not type(m).__module__.startswith("torch.nn")
+        if has_state or foreign:
+            notes.append(Note("contract", "skipped", node.target,
+                              f"{type(m).__name__} is a layer type no fxexpand pass rewrites; left unchanged"))
+    return notes
+
+
+def _refuse_nonfinite(model: nn.Module) -> None:
+    """NaN/Inf weights would make every fold meaningless and hide any error from verification."""
+    from .verify import nonfinite_tensors
+
+    bad = nonfinite_tensors(model)
+    if bad:
+        raise InputError(
+            f"the model has NaN or Inf weights: {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}. Contraction "
+            "cannot be verified with non-finite weights; check the training run (did the loss diverge?) or the "
+            "model file, and contract a checkpoint with finite weights."
+        )
 
 
 def _refuse_undecayed(model: nn.Module) -> None:

@@ -39,6 +39,13 @@ def check_output_path(path: str | os.PathLike) -> Path:
         raise ExportError(f"{parent} is not a directory")
     if not os.access(parent, os.W_OK):
         raise ExportError(f"the directory {parent} is not writable; choose another output path")
+    try:  # os.access says yes to root everywhere, and knows nothing of /proc-like file systems: try it
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=str(parent))
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ExportError(f"cannot create files in the directory {parent} ({e.strerror or e}); "
+                          "choose another output path") from e
     return p
 
 
@@ -150,7 +157,11 @@ def export_onnx(
     if not all(isinstance(t, torch.Tensor) for t in inputs):
         raise InputError("export_onnx needs example_inputs made of tensors")
     m = explicit_same_padding(copy.deepcopy(model).eval())
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=str(dest.parent if str(dest.parent) else "."))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp",
+                                   dir=str(dest.parent if str(dest.parent) else "."))
+    except OSError as e:
+        raise ExportError(f"cannot create files next to {dest} ({e.strerror or e}); choose another output path") from e
     os.close(fd)
     try:
         try:
@@ -188,7 +199,10 @@ def export_onnx(
                     raise ExportError(
                         f"output {i}: onnxruntime differs from torch by {err:.3e} (scale {scale:.3e})"
                     )
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError as e:
+            raise ExportError(f"could not write {dest} ({e.strerror or e}); choose another output path") from e
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

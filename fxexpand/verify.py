@@ -115,6 +115,13 @@ def _run(model: nn.Module, inputs: tuple, which: str) -> Any:
         ) from e
 
 
+def nonfinite_tensors(model: nn.Module) -> list[str]:
+    """``"name (k of n values)"`` for every floating parameter or buffer holding NaN or Inf."""
+    return [f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
+            for name, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def _as_tuple(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
@@ -157,13 +164,20 @@ def verify(
     error, which is of the order of the output itself.
 
     Raises:
-        EquivalenceError: naming the outputs that diverged, or reporting NaN/Inf outputs (a
-            non-finite output can hide any error, so it never passes).
+        EquivalenceError: naming the outputs that diverged, or reporting NaN/Inf outputs or
+            weights (a non-finite value can hide any error, so it never passes).
         InputError: if a model fails on the inputs.
     """
     inputs = _as_tuple(example_inputs)
     if trials < 1:
         raise ValueError("trials must be >= 1")
+    for which, m in (("reference", reference), ("candidate", candidate)):
+        bad = nonfinite_tensors(m)
+        if bad:  # e.g. an Inf running_var gives finite outputs, so the outputs alone would not show it
+            raise EquivalenceError(
+                f"the {which} model has NaN or Inf weights: {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}; "
+                "equivalence cannot be verified with non-finite weights (did training diverge?)"
+            )
     ref = copy.deepcopy(reference).eval()
     cand = copy.deepcopy(candidate).eval()
     gen = torch.Generator().manual_seed(seed + 1_000_003)  # not the stream torch.manual_seed(seed) gives

@@ -16,6 +16,7 @@ def _setup_torch() -> None:
     torch.set_num_threads(1)       # tiny models: thread-pool overhead dominates on a shared machine
     warnings.filterwarnings("ignore", message=".*padding='same'.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
+    warnings.filterwarnings("ignore", message=".*pickle protocol.*")
 
 
 def sweep_seed(seed: int, *, onnx: bool = True, expansions: list[str] | None = None) -> list:
@@ -106,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("fuzz", help="feed random mutations of valid model files to fxexpand.load and the CLI")
     f.add_argument("--iterations", type=int, default=10000, help="mutated files to load (default 10000)")
     f.add_argument("--seed", type=int, default=0, help="random seed of the mutations (default 0)")
-    f.add_argument("--cli-every", type=int, default=50,
-                   help="also run `fxexpand contract` on every N-th mutated file (default 50; 0: never)")
+    f.add_argument("--cli-every", type=int, default=100,
+                   help="also run `fxexpand contract` on every N-th mutated file (default 100; 0: never)")
     f.add_argument("--workdir", default=None, help="directory for the files (default: a temporary one)")
     f.add_argument("--progress", type=int, default=1000, help="print progress every N iterations (0: never)")
     args = p.parse_args(argv)

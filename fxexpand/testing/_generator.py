@@ -480,6 +480,8 @@ def random_model(seed: int, **limits: Any) -> tuple[RandomNet, tuple[torch.Tenso
         if not net.program:
             top.act(0)
         net.features = features
+        out = top.shapes[len(net.program)]
+        net.output_shape = (lim["batch"], out.c) + out.size  # what the builder predicts; tests check it
         gen = torch.Generator().manual_seed(seed)
         _randomize(net, gen)
         x = torch.randn((lim["batch"], c0) + size, generator=gen)

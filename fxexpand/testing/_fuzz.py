@@ -1,0 +1,216 @@
+"""Mutation fuzzing of model files: ``python -m fxexpand.testing fuzz --iterations 10000``.
+
+Valid files (written by :func:`fxexpand.save` — a plain model, a generated model, an expanded
+model with its recipe — and a ``torch.save``'d state_dict) are mutated at random and handed to
+:func:`fxexpand.load` (every iteration) and to ``fxexpand contract`` (every ``cli_every``-th). The
+property: loading either succeeds or raises one of fxexpand's typed errors (``FxExpandError``);
+the CLI exits with 0 or 2 (never 1, "internal error"), prints no traceback and leaves no output
+file behind on failure. Anything else is a bug; the offending file is kept under
+``<workdir>/failures`` with the iteration number, which reproduces it.
+
+Mutations: on the raw bytes (flip, overwrite, insert, delete, duplicate a span, truncate) and
+inside the zip archive (the same byte mutations applied to one member — the pickle, a tensor's
+storage, the version record — then re-zipped with valid CRCs, so the damage reaches the unpickler
+and the payload checks instead of being caught by the zip layer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io as _io
+import random
+import shutil
+import tempfile
+import time
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["fuzz", "FuzzReport", "make_corpus", "mutate", "FACTORY"]
+
+#: the factory name under which generated models are saved (registered by :func:`make_corpus`)
+FACTORY = "fxexpand.testing:random_net"
+
+
+def _random_net(seed: int = 0, **limits):
+    from ._generator import random_model
+
+    return random_model(seed, **limits)[0]
+
+
+def make_corpus(workdir: Path) -> list[Path]:
+    """Write the valid seed files of the fuzzer into ``workdir``."""
+    import fxexpand
+
+    from .. import recipes
+
+    fxexpand.register_factory(FACTORY, _random_net)
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = []
+    small = fxexpand.build_model("fxexpand:SmallNet")
+    files.append(fxexpand.save(small, workdir / "smallnet.pt", input_shape=(1, 3, 32, 32)))
+    net = fxexpand.build_model(FACTORY, seed=3, max_blocks=2, max_channels=6)
+    from ._generator import random_model
+
+    _, (inp,) = random_model(3, max_blocks=2, max_channels=6)
+    files.append(fxexpand.save(net, workdir / "random_net.pt", input_shape=tuple(inp.shape)))
+    expanded = fxexpand.compile(small, passes=recipes.netbooster())
+    files.append(fxexpand.save(expanded, workdir / "expanded.pt", input_shape=(1, 3, 32, 32)))
+    sd = workdir / "state_dict.pt"
+    torch.save(small.state_dict(), sd)
+    files.append(sd)
+    return files
+
+
+def _mutate_bytes(data: bytes, r: random.Random) -> bytes:
+    b = bytearray(data)
+    if not b:
+        return bytes(r.randrange(256) for _ in range(r.randint(1, 16)))
+    kind = r.choice(["flip", "set", "insert", "delete", "duplicate", "truncate", "small_int"])
+    n = len(b)
+    if kind == "flip":
+        for _ in range(r.randint(1, 8)):
+            i = r.randrange(n)
+            b[i] ^= 1 << r.randrange(8)
+    elif kind == "set":
+        for _ in range(r.randint(1, 8)):
+            b[r.randrange(n)] = r.randrange(256)
+    elif kind == "small_int":  # interesting values where a length or an opcode argument may sit
+        i = r.randrange(n)
+        b[i] = r.choice([0, 1, 0x7F, 0x80, 0xFF])
+    elif kind == "insert":
+        i = r.randrange(n + 1)
+        b[i:i] = bytes(r.randrange(256) for _ in range(r.randint(1, 32)))
+    elif kind == "delete":
+        i = r.randrange(n)
+        del b[i:i + r.randint(1, 64)]
+    elif kind == "duplicate":
+        i = r.randrange(n)
+        j = min(n, i + r.randint(1, 64))
+        k = r.randrange(n + 1)
+        b[k:k] = b[i:j]
+    else:  # truncate
+        del b[r.randrange(n):]
+    return bytes(b)
+
+
+def mutate(data: bytes, r: random.Random) -> bytes:
+    """One random mutation of a torch zip file: of its raw bytes, or of one member re-zipped."""
+    if r.random() < 0.4:
+        return _mutate_bytes(data, r)
+    try:
+        zin = zipfile.ZipFile(_io.BytesIO(data))
+        members = [(i, zin.read(i.filename)) for i in zin.infolist()]
+    except Exception:
+        return _mutate_bytes(data, r)
+    pkl = [k for k, (i, _) in enumerate(members) if i.filename.endswith("data.pkl")]
+    idx = r.choice(pkl) if pkl and r.random() < 0.7 else r.randrange(len(members))
+    out = _io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zout:
+        for k, (info, content) in enumerate(members):
+            if k == idx:
+                content = _mutate_bytes(content, r)
+            zout.writestr(info.filename, content)
+    return out.getvalue()
+
+
+@dataclass
+class FuzzReport:
+    iterations: int
+    seed: int
+    outcomes: Counter = field(default_factory=Counter)
+    cli_outcomes: Counter = field(default_factory=Counter)
+    bugs: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.bugs
+
+    def summary(self) -> str:
+        lines = [f"fuzz: {self.iterations} iterations (seed {self.seed}) in {self.seconds:.0f}s",
+                 "  fxexpand.load: " + ", ".join(f"{k} {v}" for k, v in self.outcomes.most_common()),
+                 "  fxexpand contract (CLI): " + (", ".join(f"{k} {v}" for k, v in self.cli_outcomes.most_common())
+                                                 or "not run"),
+                 f"  bugs (non-fxexpand exceptions, exit code 1, tracebacks, leftover output): {len(self.bugs)}"]
+        lines += [f"    {b}" for b in self.bugs[:30]]
+        return "\n".join(lines)
+
+
+def _run_cli(path: Path, out: Path) -> tuple[int, str]:
+    from ..cli import main
+
+    err = _io.StringIO()
+    with contextlib.redirect_stdout(_io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            rc = main(["contract", str(path), "-o", str(out), "--no-verify"])
+        except SystemExit as e:  # argparse
+            rc = int(e.code or 0)
+    return rc, err.getvalue()
+
+
+def fuzz(iterations: int, *, seed: int = 0, cli_every: int = 100, workdir: str | Path | None = None,
+         progress: int = 0) -> FuzzReport:
+    """Run the fuzzer; returns a :class:`FuzzReport` (``report.ok`` is False if a bug was found)."""
+    import fxexpand
+    from ..errors import FxExpandError
+
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="fxexpand-fuzz-")
+        workdir = tmp.name
+    root = Path(workdir)
+    corpus = make_corpus(root / "corpus")
+    blobs = [(p.name, p.read_bytes()) for p in corpus]
+    report = FuzzReport(iterations, seed)
+    start = time.time()
+    case = root / "case.pt"
+    out = root / "out.onnx"
+    try:
+        for it in range(iterations):
+            r = random.Random(seed * 1_000_003 + it)
+            name, blob = blobs[r.randrange(len(blobs))]
+            data = blob
+            for _ in range(r.choice([1, 1, 1, 2, 3])):
+                data = mutate(data, r)
+            case.write_bytes(data)
+            where = f"iteration {it} ({name})"
+            try:
+                fxexpand.load(case)
+                report.outcomes["loaded"] += 1
+            except FxExpandError as e:
+                report.outcomes[type(e).__name__] += 1
+            except Exception as e:  # noqa: BLE001 - the property under test
+                report.outcomes["BUG"] += 1
+                report.bugs.append(f"{where}: fxexpand.load raised {type(e).__name__}: {str(e)[:200]}")
+                _keep(root, case, it)
+            if cli_every and it % cli_every == 0:
+                if out.exists():
+                    out.unlink()
+                rc, err = _run_cli(case, out)
+                report.cli_outcomes[f"exit {rc}"] += 1
+                problem = ("exit code 1 (internal error)" if rc == 1 else
+                           "a traceback on stderr" if "Traceback" in err else
+                           "an output file after a failure" if rc != 0 and out.exists() else
+                           f"unexpected exit code {rc}" if rc not in (0, 2) else "")
+                if problem:
+                    report.bugs.append(f"{where}: CLI gave {problem}: {' '.join(err.split())[:200]}")
+                    _keep(root, case, it)
+            if progress and (it + 1) % progress == 0:
+                print(f"... {it + 1} iterations, {len(report.bugs)} bugs, {time.time() - start:.0f}s", flush=True)
+    finally:
+        report.seconds = time.time() - start
+        if tmp is not None and report.ok:
+            tmp.cleanup()
+        elif tmp is not None:
+            print(f"failing files kept in {root / 'failures'}")
+    return report
+
+
+def _keep(root: Path, case: Path, it: int) -> None:
+    d = root / "failures"
+    d.mkdir(exist_ok=True)
+    shutil.copy(case, d / f"iteration{it}.pt")
