@@ -12,6 +12,7 @@ from pathlib import Path
 
 import fxexpand
 import fxexpand.passes
+import fxexpand.testing
 import fxexpand.train
 
 SECTIONS = [
@@ -28,6 +29,9 @@ SECTIONS = [
     ("Modules and reports", fxexpand, ["ExpandedRegion", "DecayActivation", "ContractReport", "VerifyReport",
                                        "LatencyStats"]),
     ("Recipes", fxexpand.recipes, ["netbooster", "expandnets"]),
+    ("Testing (import fxexpand.testing)", fxexpand.testing, ["random_model", "models", "seeds", "RandomCase",
+                                                          "check_expansion", "check_deploy", "check_pass",
+                                                          "check_verify_each", "CheckResult", "BreakOutputPass"]),
     ("Errors", fxexpand, ["FxExpandError", "TraceError", "PassError", "PreconditionError", "PostconditionError",
                           "EquivalenceError", "ContractionError", "ExportError", "LoadError", "InputError"]),
 ]
