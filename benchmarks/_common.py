@@ -95,3 +95,81 @@ def onnx_summary(path: Path) -> dict[str, Any]:
     model = onnx.load(str(path))
     ops = collections.Counter(n.op_type for n in model.graph.node)
     return {"nodes": sum(ops.values()), "ops": dict(sorted(ops.items())), "bytes": path.stat().st_size}
+
+
+# --------------------------------------------------------------------------------------------------
+# console, timing and memory helpers shared by the suite's sections
+
+from rich.console import Console  # noqa: E402
+
+console = Console(highlight=False)
+if not console.is_terminal:  # logs and pipes: wide enough for the tables
+    console = Console(highlight=False, width=200)
+
+
+def log(msg: str) -> None:
+    console.log(msg)
+
+
+def _proc_status_mib(*keys: str) -> dict[str, float]:
+    """Fields of /proc/self/status (VmRSS, VmHWM: the resident-set high-water mark), in MiB."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in keys:
+                    out[k] = int(v.split()[0]) / 1024  # kB
+    except OSError:
+        pass
+    return out
+
+
+def _trim_malloc() -> None:
+    """Give freed heap memory back to the OS, so the RSS before a measurement is not inflated."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:
+        pass
+
+
+def reset_peak_rss() -> float | None:
+    """Reset the kernel's VmHWM to the current RSS (``echo 5 > /proc/self/clear_refs``); returns that RSS
+    in MiB, or None where this is not possible (then peaks are not measured)."""
+    import gc
+
+    gc.collect()
+    _trim_malloc()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _proc_status_mib("VmRSS").get("VmRSS")
+
+
+def peak_rss_growth(fn) -> tuple[float, float]:
+    """(wall seconds, peak RSS growth in MiB) of one call of ``fn``: VmHWM after the call minus the RSS
+    just before it (NaN where /proc/self/clear_refs is unavailable). The result of ``fn`` is dropped."""
+    import time
+
+    before = reset_peak_rss()
+    t0 = time.perf_counter()
+    out = fn()
+    dt = time.perf_counter() - t0
+    peak = _proc_status_mib("VmHWM").get("VmHWM")
+    del out
+    growth = (peak - before) if (before is not None and peak is not None) else float("nan")
+    return dt, growth
+
+
+def stats_ms(times_s) -> dict[str, Any]:
+    """Median, p10, p90, min, mean (ms) of a list of seconds, and the count."""
+    import numpy as np
+
+    a = np.asarray(times_s, dtype=np.float64) * 1e3
+    return {"median_ms": float(np.median(a)), "p10_ms": float(np.percentile(a, 10)),
+            "p90_ms": float(np.percentile(a, 90)), "min_ms": float(a.min()), "mean_ms": float(a.mean()),
+            "n": int(a.size)}

@@ -1,5 +1,7 @@
 """The ``fxexpand`` command.
 
+``fxexpand bench``: run the benchmark suite (benchmarks/run.py) from a source checkout.
+
 ``fxexpand contract MODEL -o OUT.onnx``: load MODEL, contract it (target "deploy" by default),
 verify, export ONNX (checked against torch in onnxruntime) and print a summary table. Bad input
 gets a one-paragraph error and exit code 2; the output file is only written on success.
@@ -101,7 +103,39 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (cosine schedule; default 0.05)")
     d.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
     d.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+
+    sub.add_parser(
+        "bench",
+        add_help=False,
+        help="run the benchmark suite (source checkout; needs the bench extras); `fxexpand bench --help`",
+        description=("Run benchmarks/run.py from the source checkout: inference latency vs ONNX optimisers, "
+                     "RepVGG/DBB peers, compiler scaling and training overhead; writes JSON and PNG plots."),
+    )
     return parser
+
+
+def _benchmarks_dir() -> Path | None:
+    """The source checkout's benchmarks/ directory (absent in a wheel install)."""
+    d = Path(__file__).resolve().parent.parent / "benchmarks"
+    return d if (d / "run.py").is_file() else None
+
+
+def cmd_bench(argv: list[str]) -> int:
+    import importlib.util
+
+    bench_dir = _benchmarks_dir()
+    if bench_dir is None:
+        return _fail("fxexpand bench runs benchmarks/run.py from a source checkout, and no benchmarks/ directory "
+                     "was found next to the installed package (a wheel install has none). Clone the repository, "
+                     "`pip install -e '.[bench]'` and run `fxexpand bench` (or `python benchmarks/run.py`) there.")
+    missing = [m for m in ("matplotlib",) if importlib.util.find_spec(m) is None]
+    if missing:
+        return _fail(f"fxexpand bench needs the bench extras ({', '.join(missing)} missing): "
+                     "pip install -e '.[bench]'")
+    spec = importlib.util.spec_from_file_location("fxexpand_bench_run", bench_dir / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
 
 
 def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
@@ -245,7 +279,9 @@ def cmd_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command != "bench" and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
     from .errors import FxExpandError
 
@@ -256,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_expand(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "bench":
+            return cmd_bench(extra)
     except FxExpandError as e:
         if args.debug:
             traceback.print_exc()

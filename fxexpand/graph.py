@@ -29,6 +29,8 @@ __all__ = [
     "get_module",
     "set_module",
     "fresh_name",
+    "has_module",
+    "module_call_count",
     "node_input",
     "out_shape",
     "module_call_counts",
@@ -94,11 +96,31 @@ def fresh_name(gm: nn.Module, base: str) -> str:
     """A qualified name not used yet in ``gm`` (``base``, ``base_1``, ...)."""
     base = base.replace(".", "_") if base else "fused"
     name, i = base, 0
-    existing = dict(gm.named_modules())
-    while name in existing or hasattr(gm, name):
+    # ``name`` has no dots, so it can only clash with a direct attribute of ``gm`` (a child module,
+    # parameter, buffer or plain attribute): hasattr is the whole check, O(1) instead of a walk over
+    # every submodule (which made a rewrite per node quadratic in the graph size)
+    while hasattr(gm, name):
         i += 1
         name = f"{base}_{i}"
     return name
+
+
+def has_module(gm: nn.Module, qualname: str) -> bool:
+    """Whether ``qualname`` names a submodule of ``gm`` (``""`` is ``gm`` itself); O(depth)."""
+    mod = gm
+    for part in qualname.split(".") if qualname else []:
+        mod = mod._modules.get(part) if isinstance(mod, nn.Module) else None
+        if mod is None:
+            return False
+    return True
+
+
+def module_call_count(gm: fx.GraphModule, target: str) -> int:
+    """How many call_module nodes call ``target`` (indexed lookup where torch.fx has one)."""
+    find = getattr(gm.graph, "find_nodes", None)
+    if find is not None:
+        return len(find(op="call_module", target=target))
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
 
 
 def node_input(node: fx.Node) -> fx.Node | None:
@@ -356,18 +378,23 @@ def replace_nodes_with_module(
     module: nn.Module,
     input_node: fx.Node,
     name: str,
+    call_counts: Counter | None = None,
 ) -> fx.Node:
     """Replace ``chain`` (its last node's output) by ``module(input_node)`` installed at ``name``.
 
     If ``name`` already holds a module called only from ``chain``, it is replaced; otherwise a fresh
     name is chosen. Returns the new node (which inherits the last node's meta).
+
+    ``call_counts``: a live :func:`module_call_counts` of ``gm`` that the caller keeps for a whole
+    pass; it is read instead of scanning the graph and updated for this rewrite, so a pass making a
+    rewrite per node stays linear in the graph size. Without it the graph is scanned (O(graph)).
     """
-    counts = module_call_counts(gm)
-    existing = dict(gm.named_modules())
     chain_targets = Counter(n.target for n in chain if n.op == "call_module")
-    if name in existing and counts.get(name, 0) > chain_targets.get(name, 0):
+    exists = has_module(gm, name)  # a path walk, not a walk over every submodule
+    calls_now = call_counts.get(name, 0) if call_counts is not None else (module_call_count(gm, name) if exists else 0)
+    if exists and calls_now > chain_targets.get(name, 0):
         name = fresh_name(gm, name)
-    elif name not in existing and hasattr(gm, name):
+    elif not exists and hasattr(gm, name):
         name = fresh_name(gm, name)
     set_module(gm, name, module)
     last = chain[-1]
@@ -379,4 +406,9 @@ def replace_nodes_with_module(
         new.meta["nn_module_stack"] = first_stack
     last.replace_all_uses_with(new)
     erase_if_dead(gm, chain)
+    if call_counts is not None:
+        for n in chain:
+            if n.op == "call_module" and getattr(n, "_erased", n.graph is not gm.graph):
+                call_counts[n.target] -= 1
+        call_counts[name] += 1
     return new

@@ -111,6 +111,8 @@ def region_of(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
     regions = graph_module.meta.get("fxexpand_regions") or ()
     if not regions:
         return None
+    if not isinstance(regions, (dict, set, frozenset)):
+        regions = set(regions)
     paths: list[str] = []
     stack = node.meta.get("nn_module_stack")
     if stack:
@@ -118,10 +120,15 @@ def region_of(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
             paths.append(val[0] if isinstance(val, tuple) else key)
     if node.op in ("call_module", "get_attr") and isinstance(node.target, str):
         paths.append(node.target)
+    # the shortest region r with p == r or p.startswith(r + "."): look up p's dotted prefixes,
+    # shortest first (O(depth) hash lookups per path instead of a scan over every region)
     best = None
     for p in paths:
-        for r in regions:
-            if p == r or p.startswith(r + "."):
+        parts = p.split(".")
+        for i in range(1, len(parts) + 1):
+            r = ".".join(parts[:i])
+            if r in regions:
                 if best is None or len(r) < len(best):
                     best = r
+                break
     return best

@@ -67,6 +67,7 @@ class FoldBatchNormPass(ScopedPass):
         modified = False
         # counted once per call: folding only removes uses, so stale counts are conservative
         self._calls, self._uses = module_call_counts(gm), attr_use_counts(gm)
+        live = module_call_counts(gm)  # kept current by replace_nodes_with_module
         for node in list(gm.graph.nodes):
             if node.graph is not gm.graph:
                 continue
@@ -91,7 +92,7 @@ class FoldBatchNormPass(ScopedPass):
             if new_module is None:
                 notes.append(self.note("skipped", where, name))
                 continue
-            replace_nodes_with_module(gm, [prev, node], new_module, node_input(prev), name)
+            replace_nodes_with_module(gm, [prev, node], new_module, node_input(prev), name, call_counts=live)
             notes.append(self.note("folded", where))
             modified = True
         if modified:

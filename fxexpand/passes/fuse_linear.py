@@ -7,7 +7,10 @@ Patterns (every op as ``call_module`` or ``call_function`` with constant paramet
   rule 1; stride grows the kernel to ``k1 + s1·(k2-1)``, rule 2; groups composed per block, rule 3);
 * parallel: ``A(x) + B(x)`` → one op whose kernel is the aligned sum (RepVGG-style branches);
 * identity residual: ``x + A(x)`` with A stride 1 and ``C_in == C_out`` → A plus the identity
-  kernel (rule 4).
+  kernel (rule 4);
+* batch-norm branch: ``A(x) + BN(x)`` with BN in inference mode (RepVGG's identity branch) → A plus
+  the per-channel affine map ``BN(x) = s·x + (β - μ·s)``, ``s = γ/√(σ²+ε)``, read as a depthwise 1x1
+  conv (or a diagonal matrix after a linear), so it joins the parallel sum.
 
 Every fusion is exact or not done; a refused site is recorded with its reason. Outside expanded
 regions a fusion is made only if it does not increase multiply-accumulates (MACs, from the shapes
@@ -22,9 +25,12 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
+import torch
+
 from ..graph import (
     LinearOp,
     attr_use_counts,
+    bn_of,
     fresh_name,
     in_scope,
     is_add,
@@ -96,6 +102,7 @@ class FuseLinearPass(ScopedPass):
         # counted once per call: fusions only remove uses, so stale counts are conservative
         # (a site they block is picked up by the next fixed-point round)
         calls, uses = module_call_counts(gm), attr_use_counts(gm)
+        self._live_calls = module_call_counts(gm)  # kept current by replace_nodes_with_module
         for node in list(gm.graph.nodes):
             if node.graph is not gm.graph or node.op == "output":
                 continue
@@ -139,7 +146,8 @@ class FuseLinearPass(ScopedPass):
         reason = self._profitable(region, [(first, prev), (second, node)], fused, node)
         if reason:
             return False, self.note("skipped", where, reason)
-        replace_nodes_with_module(gm, [prev, node], fused.to_module(), node_input(prev), self._name(node, gm))
+        replace_nodes_with_module(gm, [prev, node], fused.to_module(), node_input(prev), self._name(node, gm),
+                                  call_counts=self._live_calls)
         return True, self.note("fused", where, "sequential")
 
     def _try_add(self, gm, node, calls, uses):
@@ -151,6 +159,12 @@ class FuseLinearPass(ScopedPass):
                 ops[n] = op
         if not ops:
             return False, None
+        if len(ops) == 1:  # A(x) + BN(x): the batch norm is a per-channel affine branch
+            (lin, op), = ops.items()
+            other = b if lin is a else a
+            bn_op = self._bn_branch(gm, other, op, uses)
+            if bn_op is not None and node_input(other) is node_input(lin) and node_input(lin) is not None:
+                ops[other] = bn_op
         shape = out_shape(node)
         # identity residual: x + A(x)
         for lin, other in ((a, b), (b, a)):
@@ -159,6 +173,38 @@ class FuseLinearPass(ScopedPass):
         if len(ops) == 2 and node_input(a) is not None and node_input(a) is node_input(b) and a is not b:
             return self._fuse_branches(gm, node, [a, b], node_input(a), ops, calls, uses, residual=False, shape=shape)
         return False, None
+
+    @staticmethod
+    def _bn_branch(gm, node, like: LinearOp, uses) -> LinearOp | None:
+        """An inference-mode batch norm as a linear op of ``like``'s kind: a depthwise 1x1 conv with
+        weight ``s = γ/√(σ²+ε)`` and bias ``β - μ·s`` (a diagonal matrix for a linear), or None."""
+        bn, _ = bn_of(gm, node)
+        if bn is None:
+            return None
+        if node.op == "call_function":  # functional batch norm: its tensors must be this site's own
+            attrs = [a.target for a in node.all_input_nodes if a.op == "get_attr"]
+            if any(uses[t] > 1 for t in attrs):
+                return None
+        shape = out_shape(node)
+        c = bn.running_mean.numel()
+        if shape is None or len(shape) < 2 or shape[1] != c or like.out_channels != c:
+            return None
+        if like.kind == "linear" and len(shape) != 2:
+            return None  # BatchNorm1d normalises dim 1, a linear acts on the last dim
+        with torch.no_grad():
+            var = bn.running_var.detach().double()
+            s = torch.rsqrt(var + bn.eps)
+            if bn.weight is not None:
+                s = s * bn.weight.detach().double()
+            shift = -bn.running_mean.detach().double() * s
+            if bn.bias is not None:
+                shift = shift + bn.bias.detach().double()
+        dt = like.weight.dtype
+        if like.kind == "linear":
+            return LinearOp("linear", torch.diag(s).to(dt), shift.to(dt))
+        nd = like.nd
+        return LinearOp("conv", s.reshape(c, 1, *([1] * nd)).to(dt), shift.to(dt), (1,) * nd, (0,) * nd,
+                        (1,) * nd, c)
 
     def _fuse_branches(self, gm, node, branches, x, ops, calls, uses, *, residual, shape):
         ok, region = in_scope(gm, branches + [node], self.scope)
@@ -194,7 +240,8 @@ class FuseLinearPass(ScopedPass):
         if reason:
             return False, self.note("skipped", where, reason)
         name = self._name(branches[0], gm)
-        replace_nodes_with_module(gm, list(branches) + [node], fused.to_module(), x, name)
+        replace_nodes_with_module(gm, list(branches) + [node], fused.to_module(), x, name,
+                                  call_counts=self._live_calls)
         return True, self.note("fused", where, kind)
 
 

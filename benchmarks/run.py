@@ -1,0 +1,236 @@
+#!/usr/bin/env python
+"""fxexpand's benchmark suite: one command, one process, one results file.
+
+Sections (``--only``, comma separated; default all):
+
+* ``inference``: onnxruntime latency (1 and 2 threads) of each model in its original, expanded
+  (alpha = 1, exported as it is), onnxslim-ed, onnxsim-ed, contracted (target "original") and deploy
+  forms, measured alternately; ratios against the original; parameters and FLOPs (bench_inference.py).
+* ``peers``: RepVGG- and DBB-style blocks contracted by fxexpand vs the papers' formulas: output
+  agreement in float64 and float32, and the time to contract (bench_peers.py).
+* ``scaling``: wall time and peak RSS of trace, each contraction pass, contract (with/without
+  verification) and export on synthetic chains of 100 / 1,000 / 10,000 blocks, the fx
+  symbolic_trace + fuse baseline, and the log-log slope of cost vs graph size (bench_scaling.py).
+* ``training``: forward+backward+SGD step time (batch 32) and peak memory of expanded vs original
+  models, next to the NetBooster paper's +32.5% (bench_training.py).
+
+Writes ``<out>/<name>.json`` (machine, versions, thread counts, load average at start and end,
+configuration and every measurement), ``<out>/<name>_*.png`` plots and ``<out>/<name>.md`` tables.
+``--report`` regenerates the markdown (and the generated part of docs/benchmarks.md) from a JSON
+file without measuring anything.
+
+Usage::
+
+    python benchmarks/run.py                      # the full suite (about 25-45 minutes on 2 shared cores)
+    python benchmarks/run.py --quick --out /tmp/b # seconds: tiny models, few runs (the test uses this)
+    python benchmarks/run.py --only peers,scaling --runs 500
+    python benchmarks/run.py --report             # tables + docs from benchmarks/results/suite.json
+    fxexpand bench [same options]                 # the same, from the CLI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+SECTIONS = ("inference", "peers", "scaling", "training")
+DOCS = HERE.parent / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- BEGIN GENERATED: python benchmarks/run.py --report -->", "<!-- END GENERATED -->"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fxexpand bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="tiny models and few runs (seconds); for smoke tests")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated sections to run: {','.join(SECTIONS)} (default all)")
+    p.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="onnxruntime intra-op thread counts (default 1 2; 1 with --quick)")
+    p.add_argument("--runs", type=int, default=None,
+                   help="maximum timed onnxruntime runs per file and thread count (default 300; the run count is "
+                        "fitted to a time budget of --latency-budget seconds, never below --min-runs)")
+    p.add_argument("--min-runs", type=int, default=None, help="minimum timed onnxruntime runs (default 25)")
+    p.add_argument("--latency-budget", type=float, default=None,
+                   help="seconds of alternated onnxruntime runs per case and thread count (default 8)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch.set_num_threads for everything torch does (default 1; 0 keeps torch's default)")
+    p.add_argument("--models", default=None, help="comma-separated model names (default: all seven)")
+    p.add_argument("--sizes", default=None, help="scaling chain lengths (default 100,1000,10000)")
+    p.add_argument("--out", type=Path, default=HERE / "results", help="output directory (default benchmarks/results)")
+    p.add_argument("--name", default=None, help="results file stem (default suite; quick with --quick)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", action="store_true",
+                   help="only regenerate <out>/<name>.md, the plots and docs/benchmarks.md's tables from <out>/<name>.json")
+    p.add_argument("--no-docs", action="store_true", help="with --report: do not touch docs/benchmarks.md")
+
+
+def _bad(msg: str) -> None:
+    print(f"fxexpand bench: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def config(a: argparse.Namespace) -> dict[str, Any]:
+    from bench_inference import MODELS
+
+    only = [s.strip() for s in a.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in SECTIONS]
+    if bad:
+        _bad(f"unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
+    q = a.quick
+    models = [m.strip() for m in a.models.split(",")] if a.models else (["smallnet"] if q else list(MODELS))
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        _bad(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else ([10, 30] if q else [100, 1000, 10000])
+    return {
+        "quick": q, "sections": only, "seed": a.seed, "torch_threads": a.torch_threads,
+        "inference": {"models": models, "recipes": ["expandnets_ck"] if q else ["netbooster", "expandnets_cl", "expandnets_ck"],
+                      "threads": a.threads or ([1] if q else [1, 2]),
+                      "budget_s": a.latency_budget if a.latency_budget is not None else (0.3 if q else 5.0),
+                      "min_runs": a.min_runs if a.min_runs is not None else (5 if q else 20),
+                      "max_runs": a.runs if a.runs is not None else (20 if q else 300),
+                      "warmup": 1 if q else 5},
+        "peers": {"repeats": 1 if q else 10, "warmup": 0 if q else 2, "width": 8 if q else 16},
+        "scaling": {"sizes": sizes, "repeats": {n: (1 if q else (5 if n <= 100 else 3 if n <= 1000 else 1)) for n in sizes},
+                    "export_limit": max(sizes),
+                    # at the largest size the two deploy-on-conv_conv-with-verify / BN-fold stages are left out
+                    # to keep the suite near 30 minutes (they are measured at the smaller sizes)
+                    "skip_at_largest": [] if q else ["deploy_bn_fold_noverify", "deploy_conv_conv_verify"]},
+        "training": {"models": models, "recipes": ["expandnets_ck"] if q else ["netbooster", "expandnets_cl", "expandnets_ck"],
+                     "side": {m: (32 if m == "smallnet" else 64) for m in models},
+                     "budget_s": 0.2 if q else 12.0, "min_rounds": 2 if q else 3, "max_rounds": 3 if q else 20,
+                     "memory": True},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    return run(a)
+
+
+def run(a: argparse.Namespace) -> int:
+    name = a.name or ("quick" if a.quick else "suite")
+    out_dir: Path = a.out
+    if a.report:
+        path = out_dir / f"{name}.json"
+        if not path.exists():
+            print(f"no results file {path}; run the suite first", file=sys.stderr)
+            return 2
+        doc = json.loads(path.read_text())
+        write_outputs(doc, out_dir, name, docs=not a.no_docs and out_dir.resolve() == (HERE / "results").resolve())
+        return 0
+
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    import report
+    from _common import console, loadavg, machine_info
+
+    cfg = config(a)
+    if a.torch_threads > 0:
+        torch.set_num_threads(a.torch_threads)
+    torch.set_flush_denormal(True)
+    from bench_inference import optional_tools
+
+    machine = machine_info(optional_tools=optional_tools(), os_cpu_count=os.cpu_count(),
+                           ort_threads=cfg["inference"]["threads"])
+    console.print(f"[bold]fxexpand benchmark suite[/] ({name}); sections {', '.join(cfg['sections'])}; "
+                  f"torch threads {torch.get_num_threads()}, load average {machine['loadavg_start']}")
+    t0 = time.perf_counter()
+    sections: dict[str, Any] = {}
+    n_inf = len(cfg["inference"]["models"]) * len(cfg["inference"]["recipes"])
+    total = ((n_inf if "inference" in cfg["sections"] else 0) + ("peers" in cfg["sections"])
+             + (len(cfg["scaling"]["sizes"]) if "scaling" in cfg["sections"] else 0)
+             + (len(cfg["training"]["models"]) if "training" in cfg["sections"] else 0))
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=False) as prog:
+        task = prog.add_task("benchmarks", total=total)
+        adv = lambda: prog.advance(task)  # noqa: E731
+        if "inference" in cfg["sections"]:
+            import bench_inference
+
+            prog.update(task, description="inference")
+            c = cfg["inference"]
+            sections["inference"] = bench_inference.run(c["models"], c["recipes"], threads=c["threads"],
+                                                        budget_s=c["budget_s"], min_runs=c["min_runs"],
+                                                        max_runs=c["max_runs"], warmup=c["warmup"], seed=a.seed,
+                                                        progress=adv)
+        if "peers" in cfg["sections"]:
+            import bench_peers
+
+            prog.update(task, description="peers")
+            c = cfg["peers"]
+            sections["peers"] = bench_peers.run(c["repeats"], c["warmup"], width=c["width"], seed=a.seed)
+            adv()
+        if "scaling" in cfg["sections"]:
+            import bench_scaling
+
+            prog.update(task, description="scaling")
+            c = cfg["scaling"]
+            rows = []
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="fxexpand_scaling_") as tmp:
+                for n in c["sizes"]:
+                    stages = None
+                    if n == max(c["sizes"]) and c["skip_at_largest"]:
+                        stages = set(bench_scaling.STAGES) - set(c["skip_at_largest"])
+                    rows.append(bench_scaling.bench_size(n, c["repeats"][n], c["export_limit"], Path(tmp), stages))
+                    adv()
+            sections["scaling"] = {"sizes": c["sizes"], "repeats": {str(k): v for k, v in c["repeats"].items()},
+                                   "export_limit": c["export_limit"], "channels": bench_scaling.C,
+                                   "input": [1, bench_scaling.C, bench_scaling.SIDE, bench_scaling.SIDE],
+                                   "rows": rows, "slopes": bench_scaling.fit_slopes(rows)}
+        if "training" in cfg["sections"]:
+            import bench_training
+
+            prog.update(task, description="training")
+            c = cfg["training"]
+            sections["training"] = bench_training.run(c["models"], c["recipes"], side=c["side"], budget_s=c["budget_s"],
+                                                      min_rounds=c["min_rounds"], max_rounds=c["max_rounds"],
+                                                      seed=a.seed, memory=c["memory"], progress=adv)
+    machine["loadavg_end"] = loadavg()
+    machine["torch_num_threads"] = torch.get_num_threads()
+    cfg["scaling"]["repeats"] = {str(k): v for k, v in cfg["scaling"]["repeats"].items()}
+    doc = {"name": name, "machine": machine, "config": cfg, "sections": sections,
+           "wall_s": time.perf_counter() - t0}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=1, default=float) + "\n")
+    write_outputs(doc, out_dir, name, docs=False)
+    console.print(report.markdown(doc, out_dir, name), markup=False)
+    console.print(f"wrote {out_dir / (name + '.json')} and plots (total {doc['wall_s']:.0f} s, load average "
+                  f"{machine['loadavg_start']} -> {machine['loadavg_end']})")
+    errors = [c for s in sections.values() for c in s.get("cases", []) if isinstance(c, dict) and "error" in c]
+    return 1 if errors else 0
+
+
+def write_outputs(doc: dict, out_dir: Path, name: str, docs: bool) -> None:
+    import report
+
+    report.plots(doc, out_dir, name)
+    md = report.markdown(doc, out_dir, name)
+    (out_dir / f"{name}.md").write_text(md + "\n")
+    if docs and DOCS.exists():
+        text = DOCS.read_text()
+        if BEGIN in text and END in text:
+            head, rest = text.split(BEGIN, 1)
+            _, tail = rest.split(END, 1)
+            DOCS.write_text(head + BEGIN + "\n\n" + report.markdown(doc, DOCS.parent, name, for_docs=True) + "\n\n" + END + tail)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
