@@ -26,6 +26,8 @@ SECTIONS = [
     ("Passes", fxexpand.passes, ["InsertInvertedResidualPass", "LinearExpandPass", "DecayActivationsPass",
                                  "RemoveIdentityPass", "FoldBatchNormPass", "FuseLinearPass",
                                  "RestoreOriginalPass", "VerifyPass"]),
+    ("Network Expansion (growth)", fxexpand, ["GrowthPlan", "Stage", "EMA", "find_chains", "rebuild_optimizer"]),
+    ("Growth passes", fxexpand.passes, ["InsertEMABlocksPass", "GrowWidthPass"]),
     ("Modules and reports", fxexpand, ["ExpandedRegion", "DecayActivation", "ContractReport", "VerifyReport",
                                        "LatencyStats"]),
     ("Recipes", fxexpand.recipes, ["netbooster", "expandnets"]),

@@ -313,34 +313,39 @@ def _index_map(lay: Layout, old: dict[str, int], new: dict[str, int]) -> tuple[t
     return torch.cat(o_idx), torch.cat(n_idx), n_off * per
 
 
+def _row_basis(m: torch.Tensor) -> torch.Tensor:
+    """Orthonormal rows spanning the row space of ``m`` (float64), from the eigen-decomposition of
+    its Gram matrix: matrix products instead of a QR of the tall transpose, which is much slower."""
+    if m.shape[0] == 0 or m.abs().max() == 0:
+        return m.new_zeros(0, m.shape[1])
+    for _ in range(2):  # the second round removes the error of the first (eps times the condition number^2)
+        lam, u = torch.linalg.eigh(m @ m.T)
+        keep = lam > lam.max() * max(m.shape) * 1e3 * torch.finfo(m.dtype).eps
+        m = (u[:, keep].T @ m) / lam[keep].sqrt().unsqueeze(1)
+    return m
+
+
 def orthogonal_rows(existing: torch.Tensor, count: int, scale: float,
                     generator: torch.Generator) -> tuple[torch.Tensor, int]:
     """``count`` new rows orthogonal to every row of ``existing`` ([n, d]) and to each other, each of
-    norm ``scale``: random directions projected onto the null space of ``existing`` (its row space
-    comes from a QR or, when the null space may be short, an SVD; in float64) and orthonormalised. Where the null space has fewer than
-    ``count`` dimensions the remaining rows are random. Returns the rows and how many are random."""
+    norm ``scale``: random directions with the row space of ``existing`` projected out, then
+    orthonormalised (in float64). Where the null space has fewer than ``count`` dimensions the
+    remaining rows are random. Returns the rows and how many are random."""
     d = existing.shape[1]
-    e = existing.detach().double()
-    basis = torch.zeros(0, d, dtype=torch.float64)
-    if e.shape[0] and e.abs().max() > 0:
-        if e.shape[0] + count <= d:
-            basis = torch.linalg.qr(e.T).Q.T           # orthonormal rows spanning the row space
-        else:                                          # the null space may be short: find the rank
-            _, sv, vh = torch.linalg.svd(e, full_matrices=False)
-            tol = sv.max().item() * max(e.shape) * torch.finfo(torch.float64).eps
-            basis = vh[: int((sv > tol).sum())]
-    k = min(count, d - basis.shape[0])
+    basis = _row_basis(existing.detach().double())
+    k = max(0, min(count, d - basis.shape[0]))
     rows = []
     if k > 0:
         g = torch.randn(k, d, generator=generator, dtype=torch.float64)
         for _ in range(2):                             # project twice: orthogonal to working precision
             g = g - (g @ basis.T) @ basis
-        q, _ = torch.linalg.qr(g.T)                    # orthonormal, still in the null space
-        rows.append(q.T * scale)
+        q = _row_basis(g)                              # orthonormal, still in the null space
+        k = q.shape[0]
+        rows.append(q * scale)
     if count > k:
         rest = torch.randn(count - k, d, generator=generator, dtype=torch.float64)
         rows.append(rest / rest.norm(dim=1, keepdim=True).clamp_min(1e-12) * scale)
-    return (torch.cat(rows) if rows else torch.zeros(0, d, dtype=torch.float64)), count - max(k, 0)
+    return (torch.cat(rows) if rows else torch.zeros(0, d, dtype=torch.float64)), count - k
 
 
 def _row_scale(w: torch.Tensor) -> float:
