@@ -39,19 +39,32 @@ def sweep_seed(seed: int, *, onnx: bool = True, expansions: list[str] | None = N
     return out
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cmd_sweep(args) -> int:
+    import signal
     from collections import Counter
 
     _setup_torch()
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` also stops the sweep with a summary
+    signal.signal(signal.SIGINT, _interrupt)   # (background jobs start with SIGINT ignored)
     counts: Counter = Counter()
     failures: list[tuple[int, str, str]] = []
     worst: dict[str, float] = {}
     start = time.time()
+    done = 0
+    interrupted = False
     for i, seed in enumerate(range(args.start, args.start + args.seeds)):
         try:
             results = sweep_seed(seed, onnx=not args.no_onnx)
+        except KeyboardInterrupt:  # Ctrl-C / SIGINT: summarise the seeds done so far
+            interrupted = True
+            break
         except Exception as e:  # the generator itself failed
             results = [("random_model", e)]
+        done += 1
         for name, r in results:
             if isinstance(r, Exception):
                 counts[(name, "FAILED")] += 1
@@ -70,8 +83,9 @@ def cmd_sweep(args) -> int:
         if args.progress and (i + 1) % args.progress == 0:
             print(f"... {i + 1} seeds, {len(failures)} failures, {time.time() - start:.0f}s", flush=True)
     elapsed = time.time() - start
-    n = i + 1
-    print(f"sweep: seeds {args.start}..{args.start + n - 1} ({n} models), {elapsed:.0f}s")
+    n = done
+    print(f"sweep: seeds {args.start}..{args.start + n - 1} ({n} models), {elapsed:.0f}s"
+          + (" (interrupted)" if interrupted else ""))
     by_check: dict[str, Counter] = {}
     for (check, status), k in sorted(counts.items()):
         by_check.setdefault(check, Counter())[status] = k
@@ -98,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fxexpand.testing", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sweep", help="run every property check on many generated models")
-    s.add_argument("--seeds", type=int, default=2000, help="number of models (default 2000)")
+    s.add_argument("--seeds", type=int, default=2000,
+                   help="number of models (default 2000; Ctrl-C or SIGTERM stops early and prints the summary)")
     s.add_argument("--start", type=int, default=0, help="first seed (default 0)")
     s.add_argument("--no-onnx", action="store_true", help="skip the ONNX export check (faster)")
     s.add_argument("--fail-fast", action="store_true", help="stop at the first failing seed")
