@@ -198,8 +198,14 @@ def load_file(path: str | os.PathLike, *, allow: Iterable[str] = (), trust_pickl
                         f"{_short(str(e))}") from e
     except Exception as e:  # torch raises assorted types on damaged archives
         raise LoadError(f"{p} could not be read: {type(e).__name__}: {_short(str(e))}") from e
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return _from_payload(p, obj, allow)
+    if isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"] == FORMAT:
+        try:
+            return _from_payload(p, obj, allow)
+        except LoadError:
+            raise
+        except Exception as e:  # a payload damaged in a way no check below foresaw
+            raise LoadError(f"{p} is an fxexpand file with a malformed payload: {type(e).__name__}: "
+                            f"{_short(str(e))}") from e
     kind = type(obj).__name__
     hint = ""
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -222,13 +228,19 @@ def _load_pickled(p: Path) -> LoadedModel:
 
 
 def _from_payload(p: Path, obj: dict, allow: Iterable[str]) -> LoadedModel:
-    if obj.get("version") != VERSION:
-        raise LoadError(f"{p} has fxexpand format version {obj.get('version')!r}; this fxexpand reads {VERSION}")
+    version = obj.get("version")
+    if type(version) is not int or version != VERSION:
+        raise LoadError(f"{p} has fxexpand format version {_short(repr(version), 60)}; this fxexpand reads {VERSION}")
     factory, kwargs, sd = obj.get("factory"), obj.get("kwargs"), obj.get("state_dict")
-    if not isinstance(kwargs, dict) or not isinstance(sd, dict):
-        raise LoadError(f"{p} is an fxexpand file with a malformed payload")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs) or not isinstance(sd, dict):
+        raise LoadError(f"{p} is an fxexpand file with a malformed payload (factory arguments or weights "
+                        "are not dictionaries keyed by name); re-save the model with fxexpand.save")
     model = build_model(factory, allow=allow, **kwargs)
-    recipe = obj.get("recipe") or []
+    recipe = obj.get("recipe")
+    if recipe is None:
+        recipe = []
+    if not isinstance(recipe, list):
+        raise LoadError(f"{p} has a malformed pass recipe")
     if recipe:
         model = _rebuild_expanded(p, model, recipe)
     try:

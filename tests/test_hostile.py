@@ -225,3 +225,25 @@ def test_fuzz_mutations_are_reproducible():
     a = [mutate(data, random.Random(i)) for i in range(20)]
     b = [mutate(data, random.Random(i)) for i in range(20)]
     assert a == b and sum(x != data for x in a) >= 18
+
+
+def test_regression_fuzz_seed3_iteration6(tmp_path):
+    """Found by `fuzz --seed 3`: iteration 6 replaced the recipe of expanded.pt with an empty tensor
+    and `obj.get("recipe") or []` raised RuntimeError (ambiguous truth value) instead of LoadError."""
+    from fxexpand.testing._fuzz import fuzz_case, make_corpus
+
+    blobs = [(p.name, p.read_bytes()) for p in make_corpus(tmp_path / "corpus")]
+    name, data = fuzz_case(blobs, 3, 6)
+    path = tmp_path / "case.pt"
+    path.write_bytes(data)
+    with pytest.raises(LoadError):
+        fxexpand.load(path)
+
+
+@pytest.mark.parametrize("over", [dict(recipe=torch.zeros(0)), dict(recipe=torch.ones(2)), dict(version=torch.ones(1)),
+                                  dict(version=True), dict(kwargs={1: 2}), dict(recipe={"a": 1})])
+def test_payload_fields_of_the_wrong_type(tmp_path, over):
+    path = tmp_path / "bad.pt"
+    torch.save(_payload(**over), path)
+    with pytest.raises(LoadError):
+        fxexpand.load(path)

@@ -8,10 +8,12 @@ the CLI exits with 0 or 2 (never 1, "internal error"), prints no traceback and l
 file behind on failure. Anything else is a bug; the offending file is kept under
 ``<workdir>/failures`` with the iteration number, which reproduces it.
 
-Mutations: on the raw bytes (flip, overwrite, insert, delete, duplicate a span, truncate) and
-inside the zip archive (the same byte mutations applied to one member — the pickle, a tensor's
-storage, the version record — then re-zipped with valid CRCs, so the damage reaches the unpickler
-and the payload checks instead of being caught by the zip layer).
+Mutations: on the raw bytes (flip, overwrite, insert, delete, duplicate a span, truncate); inside
+the zip archive (the same byte mutations applied to one member — the pickle, a tensor's storage,
+the version record — then re-zipped with valid CRCs, so the damage reaches the unpickler instead
+of being caught by the zip layer); and structure-aware ones (one payload field or state_dict entry
+replaced by an odd value — wrong type, huge number, NaN, another factory, a bogus recipe — and
+re-saved, so the damage reaches the payload checks).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["fuzz", "FuzzReport", "make_corpus", "mutate", "FACTORY"]
+__all__ = ["fuzz", "fuzz_case", "FuzzReport", "make_corpus", "mutate", "FACTORY"]
 
 #: the factory name under which generated models are saved (registered by :func:`make_corpus`)
 FACTORY = "fxexpand.testing:random_net"
@@ -97,8 +99,62 @@ def _mutate_bytes(data: bytes, r: random.Random) -> bytes:
     return bytes(b)
 
 
+_ODD_VALUES = [None, 0, -1, 1, 2**40, 1.5, float("nan"), "", "x", "torchvision:resnet18", "os:system", [], {},
+               [1, -2], [[1, 2]], {"a": 1}, ("t",), b"bytes", True]
+
+
+def _odd_value(r: random.Random):
+    v = r.choice(_ODD_VALUES + ["tensor"])
+    return torch.zeros(r.randint(0, 3)) if v == "tensor" else v
+
+
+def _mutate_payload(data: bytes, r: random.Random) -> bytes | None:
+    """Structure-aware: change one field of an fxexpand payload (or one state_dict entry) and re-save."""
+    try:
+        obj = torch.load(_io.BytesIO(data), weights_only=True)
+    except Exception:
+        return None
+    if not isinstance(obj, dict) or not obj:
+        return None
+    sd = obj.get("state_dict") if isinstance(obj.get("state_dict"), dict) else obj
+    choice = r.random()
+    if choice < 0.4 and sd:
+        key = r.choice(sorted(sd))
+        t = sd[key]
+        op = r.choice(["drop", "reshape", "dtype", "value", "extra"])
+        if op == "drop":
+            del sd[key]
+        elif op == "reshape" and isinstance(t, torch.Tensor):
+            sd[key] = torch.zeros(t.numel() + r.choice([-1, 1, 5]) if t.numel() else 1)
+        elif op == "dtype" and isinstance(t, torch.Tensor):
+            sd[key] = t.to(r.choice([torch.int64, torch.float16, torch.bool, torch.float64]))
+        elif op == "value":
+            sd[key] = _odd_value(r)
+        else:
+            sd[key + r.choice(["", ".x", "_extra"]) + "2"] = _odd_value(r)
+    else:
+        field_ = r.choice(["format", "version", "factory", "kwargs", "input_shape", "recipe", "state_dict"])
+        if field_ == "kwargs" and isinstance(obj.get("kwargs"), dict) and r.random() < 0.6:
+            obj["kwargs"][r.choice(["seed", "max_blocks", "max_channels", "nd", "num_classes", "zzz"])] = _odd_value(r)
+        elif field_ == "recipe" and r.random() < 0.6:
+            obj["recipe"] = [[r.choice(["insert_inverted_residual", "linear_expand", "decay_activations", "verify",
+                                        "nope"]), {r.choice(["ratio", "fraction", "mode", "targets"]): _odd_value(r)}]]
+        elif r.random() < 0.2:
+            obj.pop(field_, None)
+        else:
+            obj[field_] = _odd_value(r)
+    buf = _io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def mutate(data: bytes, r: random.Random) -> bytes:
-    """One random mutation of a torch zip file: of its raw bytes, or of one member re-zipped."""
+    """One random mutation of a torch zip file: of its raw bytes, of one member re-zipped, or of one
+    field of the payload (re-saved, so it is well-formed down to the pickle)."""
+    if r.random() < 0.25:
+        out = _mutate_payload(data, r)
+        if out is not None:
+            return out
     if r.random() < 0.4:
         return _mutate_bytes(data, r)
     try:
@@ -115,6 +171,15 @@ def mutate(data: bytes, r: random.Random) -> bytes:
                 content = _mutate_bytes(content, r)
             zout.writestr(info.filename, content)
     return out.getvalue()
+
+
+def fuzz_case(blobs: list[tuple[str, bytes]], seed: int, iteration: int) -> tuple[str, bytes]:
+    """The mutated file of ``iteration`` (deterministic: ``seed`` and ``iteration`` reproduce it)."""
+    r = random.Random(seed * 1_000_003 + iteration)
+    name, data = blobs[r.randrange(len(blobs))]
+    for _ in range(r.choice([1, 1, 1, 2, 3])):
+        data = mutate(data, r)
+    return name, data
 
 
 @dataclass
@@ -171,11 +236,7 @@ def fuzz(iterations: int, *, seed: int = 0, cli_every: int = 100, workdir: str |
     out = root / "out.onnx"
     try:
         for it in range(iterations):
-            r = random.Random(seed * 1_000_003 + it)
-            name, blob = blobs[r.randrange(len(blobs))]
-            data = blob
-            for _ in range(r.choice([1, 1, 1, 2, 3])):
-                data = mutate(data, r)
+            name, data = fuzz_case(blobs, seed, it)
             case.write_bytes(data)
             where = f"iteration {it} ({name})"
             try:
