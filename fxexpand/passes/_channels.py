@@ -138,7 +138,6 @@ def analyse(gm: fx.GraphModule) -> ChannelAnalysis:
         return [a for a in node.all_input_nodes if a in layout]
 
     for node in gm.graph.nodes:
-        where = node.target if node.op in ("call_module", "get_attr") else node.name
         if node.op == "placeholder":
             c = _channels_of(node)
             if c is not None:
