@@ -14,8 +14,8 @@
    nothing else from outside (no extra tensor arguments, no tensor computed outside it);
 3. whose intermediate values are used only inside it.
 
-A **chain** is a maximal run of such calls of the *same class* where each block's output feeds only
-the next block. Chains may not overlap: where a container (a whole ``nn.Sequential`` stage that is
+A **chain** is a maximal run of such calls of the *same class* with the same parameter and buffer
+names and shapes, where each block's output feeds only the next block. Chains may not overlap: where a container (a whole ``nn.Sequential`` stage that is
 itself shape-preserving) and the blocks inside it both qualify, the longer chain wins (between
 equally long ones, the outer). Examples:
 torchvision VisionTransformer's ``encoder.layers`` (12 ``EncoderBlock``), ResNet stage blocks after
@@ -106,7 +106,8 @@ def find_chains(
     for c in blocks:  # (blocks nested in other blocks come in between; link by data flow)
         run = run_ending_at.get(c[2])
         prev = run[-1] if run else None
-        if prev is not None and type(prev[1]) is type(c[1]) and all(c[4] <= index[u] < c[5] for u in prev[3].users):
+        if (prev is not None and type(prev[1]) is type(c[1]) and _signature(prev[1]) == _signature(c[1])
+                and all(c[4] <= index[u] < c[5] for u in prev[3].users)):
             run.append(c)
         else:
             run = [c]
@@ -129,6 +130,12 @@ def find_chains(
         names = tuple(c[0] for c in run)
         chains.append(Chain(_chain_id(model, names), type(run[0][1]).__name__, names))
     return chains
+
+
+def _signature(m: nn.Module) -> tuple:
+    """Names and shapes of a module's parameters and buffers: blocks of one chain must agree, so
+    that any of them can stand in for (or be copied to) any other position."""
+    return tuple((k, tuple(v.shape)) for k, v in m.state_dict().items())
 
 
 def _chain_id(model: nn.Module, names: tuple[str, ...]) -> str:
@@ -290,6 +297,7 @@ class GrowthPlan:
 
             an = analyse(gm)
             self.groups = {g: an.group_size(g) for g in an.free_groups()}
+            self.depthwise = sorted(la.name for la in an.layers if la.kind == "dw")
             self.frozen = dict(an.frozen)
             if not self.groups:
                 raise InputError(f"{type(full_model).__name__} has no channel group that can change width "
@@ -362,7 +370,7 @@ class GrowthPlan:
             an = analyse(gm)
             resize(gm, an, {g: max(1, math.floor(self.alpha0 * n)) for g, n in self.groups.items()},
                    init=self.init, seed=self.seed)
-            info = {"mode": "width", "groups": dict(self.groups)}
+            info = {"mode": "width", "groups": dict(self.groups), "depthwise": list(self.depthwise)}
         info["inputs"] = [[list(t.shape), str(t.dtype).replace("torch.", "")] for t in self.example_inputs
                           if isinstance(t, torch.Tensor)]
         gm.graph.lint()

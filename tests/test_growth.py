@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 import torch.nn.functional as F
 import torchvision
 from torch import nn
@@ -11,6 +12,7 @@ from torch.fx import GraphModule as fx_GraphModule
 from torchvision.models.convnext import CNBlockConfig
 
 import fxexpand
+import fxexpand.testing as ft
 from fxexpand.errors import FxExpandError, InputError
 from fxexpand.growth import spread
 from fxexpand.passes import GrowWidth, InsertEMABlocks
@@ -398,3 +400,107 @@ def test_stage_boundaries_and_optimizer_rebuild_keep_the_learning_rate():
     train_steps(grown, x, y, opt, ema)
     with pytest.raises(InputError, match="fxexpand.compile"):
         fxexpand.rebuild_optimizer(opt, small_vit(layers=4))
+
+
+# ------------------------------------------------------------------------------ random models
+
+
+def _plan_or_none(model, x, **kw):
+    try:
+        return fxexpand.GrowthPlan(model, stages=2, example_inputs=(x,), **kw)
+    except InputError:  # nothing to grow in this model
+        return None
+
+
+@settings(max_examples=12, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=ft.models())
+def test_width_growth_on_random_models_keeps_the_function_and_ends_at_the_original(case):
+    print(f"random model seed={case.seed}")
+    (x,) = case.example_inputs
+    plan = _plan_or_none(case.model, x, width_factor=0.5)
+    if plan is None:
+        return
+    start = plan.initial_model().double().eval()
+    grown = plan.stage(0).grow(start).eval()
+    xd = x.double()
+    with torch.no_grad():
+        assert rel_err(start(xd), grown(xd)) <= 1e-9
+        original, _ = ft.random_model(case.seed)
+        original = original.double().eval()
+        original.load_state_dict(grown.state_dict())   # strict: the generated architecture
+        assert rel_err(original(xd), grown(xd)) <= 1e-12
+
+
+def _with_a_chain(model, x, copies=3):
+    """``model`` with its first shape-preserving block replaced by a Sequential of ``copies``
+    differently initialised copies of it (a chain to grow), or None if it has no such block."""
+    singles = [c for c in fxexpand.find_chains(model, (x,)) if len(c) == 1]
+    if not singles:
+        return None
+    name = singles[0].blocks[0]
+    block = model.get_submodule(name)
+    reps = [block]
+    for i in range(1, copies):
+        rep = copy.deepcopy(block)
+        with torch.no_grad():
+            for p in rep.parameters():
+                p.mul_(1 + 0.1 * i)
+        reps.append(rep)
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, nn.Sequential(*reps))
+    return model
+
+
+@settings(max_examples=12, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=ft.models())
+def test_depth_growth_on_random_models_ends_at_the_original(case):
+    print(f"random model seed={case.seed}")
+    (x,) = case.example_inputs
+    full = _with_a_chain(case.model, x)
+    if full is None:
+        return
+    original = copy.deepcopy(full)
+    plan = fxexpand.GrowthPlan(full, depth_factor=0.34, stages=3, example_inputs=(x,))
+    model = plan.initial_model()
+    ema = fxexpand.EMA(model, decay=0.5)
+    for stage in plan:
+        with torch.no_grad():
+            for p in ema.module.parameters():
+                p.mul_(0.9)                     # the average differs from the model
+        model = stage.grow(model, ema).eval()
+        ema.update(model)
+    assert [len(c["members"]) for c in model._fxexpand_growth["chains"].values()] == [3]
+    original.load_state_dict(model.state_dict())   # strict
+    with torch.no_grad():
+        assert torch.equal(original.eval()(x), model(x))
+
+
+def test_random_models_do_get_grown():
+    """The two properties above are not vacuous: some generated models have free channel groups and
+    shape-preserving blocks."""
+    depth = width = 0
+    for seed in range(20):
+        model, (x,) = ft.random_model(seed)
+        width += _plan_or_none(model, x, width_factor=0.5) is not None
+        depth += _with_a_chain(model, x) is not None
+    assert depth >= 3 and width >= 3
+
+
+def test_regression_depthwise_conv_thinned_to_one_channel_stays_depthwise():
+    """Found by the width property (random model seed 1190): a depthwise conv of 2 channels thinned
+    to 1 looked like an ordinary 1-to-1 conv and was grown as a dense 2-to-2 conv."""
+    model, (x,) = ft.random_model(1190)
+    plan = fxexpand.GrowthPlan(model, width_factor=0.5, stages=2, example_inputs=(x,))
+    grown = plan.stage(0).grow(plan.initial_model())
+    original, _ = ft.random_model(1190)
+    original.load_state_dict(grown.state_dict())
+
+
+def test_regression_chain_blocks_must_have_the_same_parameters():
+    """Found by the depth property (random model seed 3432568, max_blocks=5): blocks of one class
+    with different layers inside were chained, and a copy of one landed under the other's name."""
+    model, (x,) = ft.random_model(3432568, max_blocks=5)
+    for chain in fxexpand.find_chains(model, (x,)):
+        sigs = {tuple((k, tuple(v.shape)) for k, v in model.get_submodule(b).state_dict().items())
+                for b in chain.blocks}
+        assert len(sigs) == 1, chain

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import networkx as nx
 import torch
@@ -106,8 +106,13 @@ def _ndim(node: Any) -> int | None:
     return len(shape) if shape is not None else None
 
 
-def analyse(gm: fx.GraphModule) -> ChannelAnalysis:
-    """Find the channel groups of ``gm`` (needs ``tensor_meta`` on its nodes, from ShapeProp)."""
+def analyse(gm: fx.GraphModule, depthwise: Iterable[str] | None = None) -> ChannelAnalysis:
+    """Find the channel groups of ``gm`` (needs ``tensor_meta`` on its nodes, from ShapeProp).
+
+    ``depthwise``: names of the convs that are depthwise in the full model. A depthwise conv shrunk
+    to one channel looks like an ordinary 1-to-1 conv, so a thinned model must be analysed with the
+    full model's list (:class:`~fxexpand.GrowthPlan` records it)."""
+    depthwise = set(depthwise or ())
     g = nx.Graph()
     size: dict[str, int] = {}
     layout: dict[fx.Node, Layout] = {}
@@ -158,13 +163,14 @@ def analyse(gm: fx.GraphModule) -> ChannelAnalysis:
         if node.op == "call_module":
             mod = get_module(gm, node.target)
             shared = calls[node.target] > 1
-            if isinstance(mod, _CONVS) and not shared and lx is None and mod.groups == 1 and len(ins) <= 1:
+            if isinstance(mod, _CONVS) and not shared and lx is None and mod.groups == 1 and len(ins) <= 1 \
+                    and node.target not in depthwise:
                 # input width fixed (not a tracked tensor); the output can still be resized
                 s = space(f"{node.target}", mod.out_channels)
                 layers.append(Layer(node.target, "conv", node, None, s))
                 out = Layout((s,))
             elif isinstance(mod, _CONVS) and not shared and lx is not None and lx.flat is None and len(ins) == 1:
-                if mod.groups == 1:
+                if mod.groups == 1 and not (node.target in depthwise and mod.in_channels == mod.out_channels == 1):
                     s = space(f"{node.target}", mod.out_channels)
                     layers.append(Layer(node.target, "conv", node, lx, s))
                     out = Layout((s,))

@@ -67,7 +67,7 @@ class GrowWidthPass(Pass):
             inputs = tuple(torch.zeros(shape, dtype=dtype if not dt.startswith("int") else getattr(torch, dt),
                                        device=device) for shape, dt in info["inputs"])
             propagate_shapes(gm, inputs)
-        an = analyse(gm)
+        an = analyse(gm, depthwise=info.get("depthwise", ()))
         full = info["groups"]
         missing = sorted(set(full) - set(an.members))
         if missing:
