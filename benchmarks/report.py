@@ -43,7 +43,7 @@ def markdown(doc: dict, out_dir: Path, name: str, for_docs: bool = False) -> str
     if "inference" in s:
         inf = s["inference"]
         L += [f"### Inference: onnxruntime latency, batch 1 (ratio to (a), measured alternately; median of "
-              f"{inf['min_runs']}-{inf['max_runs']} runs after {inf['warmup']} warm-up, fitted to {inf['budget_s_per_thread_count']:.0f} s per case and thread count)", ""]
+              f"{inf['min_runs']}-{inf['max_runs']} runs after {inf['warmup']} warm-up, fitted to {inf['budget_s_per_thread_count']:g} s per case and thread count)", ""]
         L += [f"Input 1x3x{inf['input_side'].get('resnet18', 112)}x{inf['input_side'].get('resnet18', 112)} for the torchvision models, "
               f"1x3x32x32 for SmallNet. Optional tools: " + ", ".join(f"{k}: {v}" for k, v in inf["optional_tools"].items()) + ".", ""]
         head = ["Model", "Recipe", "Thr", "(a) ms", "(b) expanded", "(c) onnxslim", "(c) onnxsim", "(d) contracted",

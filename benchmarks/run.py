@@ -63,9 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=None,
                    help="maximum timed onnxruntime runs per file and thread count (default 300; the run count is "
                         "fitted to a time budget of --latency-budget seconds, never below --min-runs)")
-    p.add_argument("--min-runs", type=int, default=None, help="minimum timed onnxruntime runs (default 25)")
+    p.add_argument("--min-runs", type=int, default=None, help="minimum timed onnxruntime runs (default 15)")
     p.add_argument("--latency-budget", type=float, default=None,
-                   help="seconds of alternated onnxruntime runs per case and thread count (default 8)")
+                   help="seconds of alternated onnxruntime runs per case and thread count (default 3)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch.set_num_threads for everything torch does (default 1; 0 keeps torch's default)")
     p.add_argument("--models", default=None, help="comma-separated model names (default: all seven)")
@@ -73,6 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=HERE / "results", help="output directory (default benchmarks/results)")
     p.add_argument("--name", default=None, help="results file stem (default suite; quick with --quick)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parallel-scaling", action="store_true",
+                   help="run the scaling section in a second process at the same time as the other sections and "
+                        "merge it into the same results file (shorter wall time on a loaded machine; both processes "
+                        "then contend for the CPUs, which the JSON records)")
     p.add_argument("--report", action="store_true",
                    help="only regenerate <out>/<name>.md, the plots and docs/benchmarks.md's tables from <out>/<name>.json")
     p.add_argument("--no-docs", action="store_true", help="with --report: do not touch docs/benchmarks.md")
@@ -100,19 +104,19 @@ def config(a: argparse.Namespace) -> dict[str, Any]:
         "quick": q, "sections": only, "seed": a.seed, "torch_threads": a.torch_threads,
         "inference": {"models": models, "recipes": ["expandnets_ck"] if q else ["netbooster", "expandnets_cl", "expandnets_ck"],
                       "threads": a.threads or ([1] if q else [1, 2]),
-                      "budget_s": a.latency_budget if a.latency_budget is not None else (0.3 if q else 5.0),
-                      "min_runs": a.min_runs if a.min_runs is not None else (5 if q else 20),
+                      "budget_s": a.latency_budget if a.latency_budget is not None else (0.3 if q else 3.0),
+                      "min_runs": a.min_runs if a.min_runs is not None else (5 if q else 15),
                       "max_runs": a.runs if a.runs is not None else (20 if q else 300),
                       "warmup": 1 if q else 5},
         "peers": {"repeats": 1 if q else 10, "warmup": 0 if q else 2, "width": 8 if q else 16},
-        "scaling": {"sizes": sizes, "repeats": {n: (1 if q else (5 if n <= 100 else 3 if n <= 1000 else 1)) for n in sizes},
+        "scaling": {"sizes": sizes, "repeats": {n: (1 if q else (3 if n <= 100 else 2 if n <= 1000 else 1)) for n in sizes},
                     "export_limit": max(sizes),
                     # at the largest size the two deploy-on-conv_conv-with-verify / BN-fold stages are left out
                     # to keep the suite near 30 minutes (they are measured at the smaller sizes)
                     "skip_at_largest": [] if q else ["deploy_bn_fold_noverify", "deploy_conv_conv_verify"]},
         "training": {"models": models, "recipes": ["expandnets_ck"] if q else ["netbooster", "expandnets_cl", "expandnets_ck"],
                      "side": {m: (32 if m == "smallnet" else 64) for m in models},
-                     "budget_s": 0.2 if q else 12.0, "min_rounds": 2 if q else 3, "max_rounds": 3 if q else 20,
+                     "budget_s": 0.2 if q else 8.0, "min_rounds": 2 if q else 3, "max_rounds": 3 if q else 20,
                      "memory": True},
     }
 
@@ -152,6 +156,18 @@ def run(a: argparse.Namespace) -> int:
                   f"torch threads {torch.get_num_threads()}, load average {machine['loadavg_start']}")
     t0 = time.perf_counter()
     sections: dict[str, Any] = {}
+    side_proc = None
+    if a.parallel_scaling and "scaling" in cfg["sections"]:
+        import subprocess
+
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--only", "scaling", "--name", f"{name}_scaling",
+               "--out", str(out_dir), "--torch-threads", str(a.torch_threads), "--seed", str(a.seed)]
+        cmd += ["--quick"] if a.quick else []
+        cmd += ["--sizes", a.sizes] if a.sizes else []
+        side_log = open(out_dir / f"{name}_scaling.log", "w") if out_dir.exists() else subprocess.DEVNULL
+        side_proc = subprocess.Popen(cmd, stdout=side_log, stderr=subprocess.STDOUT)
+        cfg["sections"] = [x for x in cfg["sections"] if x != "scaling"]
+        console.print(f"scaling section runs in a second process (pid {side_proc.pid}), merged at the end")
     n_inf = len(cfg["inference"]["models"]) * len(cfg["inference"]["recipes"])
     total = ((n_inf if "inference" in cfg["sections"] else 0) + ("peers" in cfg["sections"])
              + (len(cfg["scaling"]["sizes"]) if "scaling" in cfg["sections"] else 0)
@@ -169,6 +185,7 @@ def run(a: argparse.Namespace) -> int:
                                                         budget_s=c["budget_s"], min_runs=c["min_runs"],
                                                         max_runs=c["max_runs"], warmup=c["warmup"], seed=a.seed,
                                                         progress=adv)
+        _partial(out_dir, name, machine, cfg, sections)
         if "peers" in cfg["sections"]:
             import bench_peers
 
@@ -195,6 +212,7 @@ def run(a: argparse.Namespace) -> int:
                                    "export_limit": c["export_limit"], "channels": bench_scaling.C,
                                    "input": [1, bench_scaling.C, bench_scaling.SIDE, bench_scaling.SIDE],
                                    "rows": rows, "slopes": bench_scaling.fit_slopes(rows)}
+        _partial(out_dir, name, machine, cfg, sections)
         if "training" in cfg["sections"]:
             import bench_training
 
@@ -203,6 +221,18 @@ def run(a: argparse.Namespace) -> int:
             sections["training"] = bench_training.run(c["models"], c["recipes"], side=c["side"], budget_s=c["budget_s"],
                                                       min_rounds=c["min_rounds"], max_rounds=c["max_rounds"],
                                                       seed=a.seed, memory=c["memory"], progress=adv)
+    if side_proc is not None:
+        rc = side_proc.wait()
+        side = out_dir / f"{name}_scaling.json"
+        if rc in (0, 1) and side.exists():
+            sd = json.loads(side.read_text())
+            sections["scaling"] = sd["sections"]["scaling"]
+            sections["scaling"]["process"] = {"parallel": True, "loadavg_start": sd["machine"]["loadavg_start"],
+                                              "loadavg_end": sd["machine"]["loadavg_end"], "wall_s": sd["wall_s"]}
+            cfg["sections"].append("scaling")
+            side.unlink()
+        else:
+            sections["scaling"] = {"error": f"the scaling process exited with {rc}"}
     machine["loadavg_end"] = loadavg()
     machine["torch_num_threads"] = torch.get_num_threads()
     cfg["scaling"]["repeats"] = {str(k): v for k, v in cfg["scaling"]["repeats"].items()}
@@ -210,12 +240,20 @@ def run(a: argparse.Namespace) -> int:
            "wall_s": time.perf_counter() - t0}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=1, default=float) + "\n")
+    (out_dir / f"{name}.partial.json").unlink(missing_ok=True)
     write_outputs(doc, out_dir, name, docs=False)
     console.print(report.markdown(doc, out_dir, name), markup=False)
     console.print(f"wrote {out_dir / (name + '.json')} and plots (total {doc['wall_s']:.0f} s, load average "
                   f"{machine['loadavg_start']} -> {machine['loadavg_end']})")
     errors = [c for s in sections.values() for c in s.get("cases", []) if isinstance(c, dict) and "error" in c]
     return 1 if errors else 0
+
+
+def _partial(out_dir: Path, name: str, machine: dict, cfg: dict, sections: dict) -> None:
+    """Sections finished so far, so a run cut short leaves its measurements behind."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.partial.json").write_text(json.dumps({"machine": machine, "config": cfg, "sections": sections},
+                                                             indent=1, default=float))
 
 
 def write_outputs(doc: dict, out_dir: Path, name: str, docs: bool) -> None:
