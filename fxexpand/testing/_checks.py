@@ -79,6 +79,12 @@ class CheckResult:
     errors: dict[str, float] = field(default_factory=dict)
 
 
+def _require(condition: bool, message: str) -> None:
+    """Like ``assert``, but not stripped by ``python -O``."""
+    if not condition:
+        raise AssertionError(message)
+
+
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """``max|a - b| / max|a|`` (0 when both are all zero)."""
     a, b = a.detach().double(), b.detach().double()
@@ -95,11 +101,11 @@ def _snapshot(model: nn.Module) -> tuple[dict, str, dict]:
 def _assert_unchanged(model: nn.Module, snap: tuple[dict, str, dict], what: str) -> None:
     state, text, flags = snap
     now = model.state_dict()
-    assert set(now) == set(state), f"{what} changed the input model's state_dict keys"
+    _require(set(now) == set(state), f"{what} changed the input model's state_dict keys")
     for k, v in state.items():
-        assert now[k].dtype == v.dtype and torch.equal(now[k], v), f"{what} modified the input model's {k}"
-    assert repr(model) == text, f"{what} changed the input model's structure"
-    assert {n: m.training for n, m in model.named_modules()} == flags, f"{what} changed training flags"
+        _require(now[k].dtype == v.dtype and torch.equal(now[k], v), f"{what} modified the input model's {k}")
+    _require(repr(model) == text, f"{what} changed the input model's structure")
+    _require({n: m.training for n, m in model.named_modules()} == flags, f"{what} changed training flags")
 
 
 def _random_inputs(inputs: tuple, gen: torch.Generator, n: int) -> list[tuple]:
@@ -114,9 +120,9 @@ def _compare(ref: nn.Module, cand: nn.Module, trials: list[tuple], what: str, rt
     with torch.no_grad():
         for xs in trials:
             a, b = ref(*xs), cand(*xs)
-            assert a.shape == b.shape, f"{what}: output shape {tuple(b.shape)} != {tuple(a.shape)}"
+            _require(a.shape == b.shape, f"{what}: output shape {tuple(b.shape)} != {tuple(a.shape)}")
             e = rel_error(a, b)
-            assert e <= rtol, f"{what}: relative error {e:.3e} > {rtol:.0e}"
+            _require(e <= rtol, f"{what}: relative error {e:.3e} > {rtol:.0e}")
             worst = max(worst, e)
     return worst
 
@@ -182,25 +188,25 @@ def check_expansion(model: nn.Module, example_inputs: tuple, passes: str | Seque
         return CheckResult(f"expand[{name}]", "refused", why)
     _assert_unchanged(expanded, snap_e, "contract(target='original')")
     sd_o, sd_s = m64.state_dict(), small.state_dict()
-    assert list(sd_s) == list(sd_o) or set(sd_s) == set(sd_o), (
-        f"contracted state_dict keys differ: missing {sorted(set(sd_o) - set(sd_s))}, "
-        f"extra {sorted(set(sd_s) - set(sd_o))}")
+    _require(set(sd_s) == set(sd_o), f"contracted state_dict keys differ: missing {sorted(set(sd_o) - set(sd_s))}, "
+                                     f"extra {sorted(set(sd_s) - set(sd_o))}")
     for k, v in sd_o.items():
-        assert sd_s[k].shape == v.shape, f"{k}: contracted shape {tuple(sd_s[k].shape)} != original {tuple(v.shape)}"
+        _require(sd_s[k].shape == v.shape,
+                 f"{k}: contracted shape {tuple(sd_s[k].shape)} != original {tuple(v.shape)}")
     restored = copy.deepcopy(m64)
     restored.load_state_dict(sd_s, strict=True)
     trials = _random_inputs(x64, gen, 3)
     errors = {"original": _compare(expanded, restored, trials, f"expand[{name}] -> contract(original)", RTOL64)}
     f_orig, f_small = _flops(m64, x64), _flops(restored, x64)
-    assert f_small == f_orig, f"contracted FLOPs {f_small} != original FLOPs {f_orig}"
+    _require(f_small == f_orig, f"contracted FLOPs {f_small} != original FLOPs {f_orig}")
     if deploy:
         dep = contract(expanded, x64, target="deploy")
         errors["deploy"] = _compare(expanded, dep, trials, f"expand[{name}] -> contract(deploy)", RTOL64)
         # inside a region the fusion restores the original layer, which may cost more than the expanded
         # chain (a narrow bottleneck can be cheaper than a k x k conv): compare with the original
         f_dep = _flops(dep, x64)
-        assert f_dep <= f_orig, f"contract(deploy) of the expanded model has more FLOPs than the original: " \
-            f"{f_dep} > {f_orig}"
+        _require(f_dep <= f_orig, "contract(deploy) of the expanded model has more FLOPs than the original: "
+                                  f"{f_dep} > {f_orig}")
     return CheckResult(f"expand[{name}]", "ok", f"{len(regions)} region(s)", errors)
 
 
@@ -220,9 +226,9 @@ def check_deploy(model: nn.Module, example_inputs: tuple, *, onnx: bool = True) 
     _assert_unchanged(m, snap, "contract(target='deploy')")
     ver = small.fxexpand_report.verification
     e64 = ver.max_rel_error("float64")
-    assert e64 <= RTOL64, f"deploy contraction: float64 relative error {e64:.3e}"
+    _require(e64 <= RTOL64, f"deploy contraction: float64 relative error {e64:.3e}")
     f_in, f_out = _flops(m, example_inputs), _flops(small, example_inputs)
-    assert f_out <= f_in, f"contract(deploy) increased FLOPs: {f_in} -> {f_out}"
+    _require(f_out <= f_in, f"contract(deploy) increased FLOPs: {f_in} -> {f_out}")
     errors = {"float64": e64, "float32": ver.max_rel_error("float32")}
     if onnx:
         errors["onnx"] = _check_onnx(small, example_inputs)
@@ -241,7 +247,7 @@ def _check_onnx(model: nn.Module, inputs: tuple) -> float:
     with torch.no_grad():
         want = model(*inputs)
     e = rel_error(want, torch.from_numpy(got[0]))
-    assert e <= 1e-4, f"onnxruntime differs from torch by {e:.3e} relative"
+    _require(e <= 1e-4, f"onnxruntime differs from torch by {e:.3e} relative")
     return e
 
 
@@ -313,8 +319,8 @@ def check_verify_each(model: nn.Module, example_inputs: tuple, position: int) ->
         pm(gm)
     except EquivalenceError as e:
         msg = str(e)
-        assert msg.startswith("pass BreakOutputPass changed the model's function"), msg
+        _require(msg.startswith("pass BreakOutputPass changed the model's function"), msg)
         before = ", ".join(p.name for p in good[:position]) or "none"
-        assert f"passes run before it: {before})" in msg, msg
+        _require(f"passes run before it: {before})" in msg, msg)
         return CheckResult("verify_each", "ok", f"named BreakOutputPass at position {position}")
     raise AssertionError("verify_each did not catch the injected BreakOutputPass")
