@@ -504,3 +504,15 @@ def test_regression_chain_blocks_must_have_the_same_parameters():
         sigs = {tuple((k, tuple(v.shape)) for k, v in model.get_submodule(b).state_dict().items())
                 for b in chain.blocks}
         assert len(sigs) == 1, chain
+
+
+def test_growth_benchmark_quick_mode_runs():
+    """benchmarks/growth_bench.py (the source of the docs' speed-up figures) keeps working."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "growth_bench.py"
+    out = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "speed-up" in out.stdout and out.stdout.count("x** (") == 2
