@@ -212,3 +212,27 @@ def run(sizes: list[int], repeats: dict[int, int], export_limit: int, stages: se
             rows.append(bench_size(n, repeats.get(n, 1), export_limit, Path(tmp), stages))
     return {"sizes": sizes, "repeats": {str(k): v for k, v in repeats.items()}, "export_limit": export_limit,
             "channels": C, "input": [1, C, SIDE, SIDE], "rows": rows, "slopes": fit_slopes(rows)}
+
+
+def rows_from_log(text: str) -> list[dict]:
+    """Scaling rows rebuilt from a scaling process's console log (its per-stage lines carry the median,
+    p10-p90, repeat count and peak RSS); used when a run is cut short before it writes its JSON."""
+    import re
+
+    rows: dict[int, dict] = {}
+    for line in text.splitlines():
+        m = re.search(r"scaling n= *(\d+) (\S+) +median +([\d.]+) s +\(p10-p90 ([\d.]+)-([\d.]+), (\d+)x\), peak RSS \+(\d+) MiB", line)
+        if m:
+            n = int(m[1])
+            rows.setdefault(n, {"n": n, "graph_nodes": {}, "stages": {}, "from_log": True})["stages"][m[2]] = {
+                "median_s": float(m[3]), "p10_s": float(m[4]), "p90_s": float(m[5]), "repeats": int(m[6]),
+                "peak_rss_growth_mib": float(m[7])}
+            continue
+        m = re.search(r"scaling n= *(\d+) passes: (.*)", line)
+        if m:
+            n = int(m[1])
+            row = rows.setdefault(n, {"n": n, "graph_nodes": {}, "stages": {}, "from_log": True})
+            for name, t in re.findall(r"(\w+Pass) ([\d.]+) s", m[2]):
+                row["stages"][f"pass:{name}"] = {"median_s": float(t), "p10_s": float(t), "p90_s": float(t),
+                                                 "repeats": None, "peak_rss_growth_mib": float("nan")}
+    return [rows[n] for n in sorted(rows)]

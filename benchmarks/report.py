@@ -40,6 +40,15 @@ def markdown(doc: dict, out_dir: Path, name: str, for_docs: bool = False) -> str
     s, cfg = doc["sections"], doc["config"]
     img_dir = os.path.relpath(HERE / "results", out_dir) if for_docs else "."
     L: list[str] = [f"Run `{name}`: {machine_line(doc['machine'])}. Total wall time {doc['wall_s'] / 60:.1f} min.", ""]
+    if doc.get("merged_from"):
+        L += ["Merged from processes that ran concurrently on the same machine: " + "; ".join(
+            f"`{p['file']}` ({', '.join(p['sections'])}; load average {'/'.join(map(str, p['machine'].get('loadavg_start') or []))}"
+            f" at start, {'/'.join(map(str, p['machine'].get('loadavg_end') or []))} at end"
+            + (f"; {p['wall_s'] / 60:.1f} min" if p.get("wall_s") else "") + ")" for p in doc["merged_from"]) + ".", ""]
+    sc_proc = doc["sections"].get("scaling", {}).get("process")
+    if sc_proc:
+        L += [f"The scaling section ran in a parallel process (load average {'/'.join(map(str, sc_proc['loadavg_start'] or []))}"
+              f" at start, {'/'.join(map(str, sc_proc['loadavg_end'] or []))} at end, {sc_proc['wall_s'] / 60:.1f} min).", ""]
     if "inference" in s:
         inf = s["inference"]
         L += [f"### Inference: onnxruntime latency, batch 1 (ratio to (a), measured alternately; median of "

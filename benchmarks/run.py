@@ -80,6 +80,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", action="store_true",
                    help="only regenerate <out>/<name>.md, the plots and docs/benchmarks.md's tables from <out>/<name>.json")
     p.add_argument("--no-docs", action="store_true", help="with --report: do not touch docs/benchmarks.md")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="combine the sections of several results files (e.g. sections run as separate processes) "
+                        "into <out>/<name>.json; each part's machine description and load averages are kept")
+    p.add_argument("--scaling-log", type=Path, default=None,
+                   help="with --merge: rebuild the scaling section from a scaling process's console log "
+                        "(for a run cut short before it wrote its JSON); marked as such in the results")
 
 
 def _bad(msg: str) -> None:
@@ -129,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(a: argparse.Namespace) -> int:
     name = a.name or ("quick" if a.quick else "suite")
     out_dir: Path = a.out
+    if a.merge:
+        return merge(a.merge, out_dir, name, a.scaling_log)
     if a.report:
         path = out_dir / f"{name}.json"
         if not path.exists():
@@ -247,6 +255,45 @@ def run(a: argparse.Namespace) -> int:
                   f"{machine['loadavg_start']} -> {machine['loadavg_end']})")
     errors = [c for s in sections.values() for c in s.get("cases", []) if isinstance(c, dict) and "error" in c]
     return 1 if errors else 0
+
+
+def merge(files: list[Path], out_dir: Path, name: str, scaling_log: Path | None = None) -> int:
+    """One results document from several (a later file's section replaces an earlier one's)."""
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    sections: dict[str, Any] = {}
+    provenance = []
+    for f, d in zip(files, parts):
+        for k, v in d["sections"].items():
+            sections[k] = v
+    if scaling_log is not None:
+        import bench_scaling
+
+        rows = bench_scaling.rows_from_log(Path(scaling_log).read_text())
+        sections["scaling"] = {"sizes": [r["n"] for r in rows], "repeats": {str(r["n"]): max(
+            (v.get("repeats") or 1) for v in r["stages"].values()) for r in rows},
+            "export_limit": max(r["n"] for r in rows), "channels": bench_scaling.C,
+            "input": [1, bench_scaling.C, bench_scaling.SIDE, bench_scaling.SIDE], "rows": rows,
+            "slopes": bench_scaling.fit_slopes(rows),
+            "from_log": f"rebuilt from {Path(scaling_log).name}: the scaling process was stopped before it "
+                        "wrote its JSON; stages not in the log were not measured"}
+        provenance.append({"file": Path(f).name, "sections": list(d["sections"]), "machine": d["machine"],
+                           "wall_s": d.get("wall_s"), "complete": d.get("complete", True)})
+    machine = dict(parts[0]["machine"])
+    starts = [p["machine"].get("loadavg_start") for p in parts if p["machine"].get("loadavg_start")]
+    ends = [p["machine"].get("loadavg_end") for p in parts if p["machine"].get("loadavg_end")]
+    machine["loadavg_start"] = max(starts, key=lambda x: x[0]) if starts else None
+    machine["loadavg_end"] = max(ends, key=lambda x: x[0]) if ends else None
+    cfg = dict(parts[0]["config"])
+    cfg["sections"] = list(sections)
+    for p in parts[1:]:
+        for k in p["config"].get("sections", []):
+            cfg[k] = p["config"].get(k)
+    doc = {"name": name, "machine": machine, "config": cfg, "sections": sections,
+           "wall_s": max(p.get("wall_s") or 0 for p in parts), "merged_from": provenance}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=1, default=float) + "\n")
+    print(f"wrote {out_dir / (name + '.json')} from {', '.join(str(f) for f in files)}")
+    return 0
 
 
 def _partial(out_dir: Path, name: str, machine: dict, cfg: dict, sections: dict) -> None:
