@@ -238,3 +238,24 @@ def run(models: list[str], recipes: list[str], *, threads: list[int], budget_s: 
                 if progress is not None:
                     progress()
     return out
+
+
+def cases_from_log(text: str) -> list[dict]:
+    """Latency rows rebuilt from the suite's console log (one line per case and thread count: runs,
+    median ms and ratio of every file), for a run stopped before it wrote its JSON. Sizes, FLOPs and
+    p90s are not in the log and stay absent."""
+    import re
+
+    text = re.sub(r"\s+_common\.py:\d+\s*\n\s+", " ", text)
+    cases: dict[tuple[str, str], dict] = {}
+    for line in text.splitlines():
+        m = re.search(r"\]\s+(\S+)/(\S+) ORT (\d+) thr, (\d+) runs alternating: (.*)", line)
+        if not m:
+            continue
+        model, recipe, th, runs, rest = m[1], m[2], int(m[3]), int(m[4]), m[5]
+        vals = re.findall(r"(\w+) ([\d.]+) ms \(x([\d.]+)\)", rest)
+        c = cases.setdefault((model, recipe), {"model": model, "recipe": recipe, "skipped": {}, "latency": [],
+                                               "from_log": True})
+        c["latency"].append({"threads": th, "runs": runs, "stats": {k: {"median_ms": float(v)} for k, v, _ in vals},
+                             "ratio_median": {k: float(r) for k, _, r in vals}})
+    return list(cases.values())

@@ -70,7 +70,7 @@ def markdown(doc: dict, out_dir: Path, name: str, for_docs: bool = False) -> str
                 cell = lambda k: f"{rm[k]:.2f}" if k in rm else "skipped"  # noqa: E731
                 rows.append([c["model"], c["recipe"], str(r["threads"]), f"{r['stats']['original']['median_ms']:.2f}",
                              cell("expanded"), cell("onnxslim"), cell("onnxsim"), cell("contracted"), cell("deploy"),
-                             f"{r['ratio_p90']['contracted']:.2f}", str(r["runs"])])
+                             f"{r['ratio_p90']['contracted']:.2f}" if "ratio_p90" in r else "-", str(r["runs"])])
         L += _table(head, rows, 3)
         if skipped:
             L += ["Nothing to expand (the recipe found no eligible layer, so there is nothing to measure): "
@@ -79,7 +79,7 @@ def markdown(doc: dict, out_dir: Path, name: str, for_docs: bool = False) -> str
                 "Conv+Gemm nodes (a) / (b) / slim / sim / (d) / (e)", "(d) state_dict = (a)"]
         rows = []
         for c in inf["cases"]:
-            if "error" in c or c.get("nothing_to_expand"):
+            if "error" in c or c.get("nothing_to_expand") or "params" not in c:
                 continue
             p, f, o = c["params"], c["flops"], c["onnx"]
             nodes = " / ".join(str(o[k]["Conv"] + o[k]["Gemm"]) if k in o else "-" for k in

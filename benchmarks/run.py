@@ -83,6 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
                    help="combine the sections of several results files (e.g. sections run as separate processes) "
                         "into <out>/<name>.json; each part's machine description and load averages are kept")
+    p.add_argument("--inference-log", type=Path, default=None,
+                   help="with --merge: rebuild inference latency rows from the suite's console log (run cut short)")
     p.add_argument("--scaling-log", type=Path, default=None,
                    help="with --merge: rebuild the scaling section from a scaling process's console log "
                         "(for a run cut short before it wrote its JSON); marked as such in the results")
@@ -136,7 +138,7 @@ def run(a: argparse.Namespace) -> int:
     name = a.name or ("quick" if a.quick else "suite")
     out_dir: Path = a.out
     if a.merge:
-        return merge(a.merge, out_dir, name, a.scaling_log)
+        return merge(a.merge, out_dir, name, a.scaling_log, a.inference_log)
     if a.report:
         path = out_dir / f"{name}.json"
         if not path.exists():
@@ -257,7 +259,8 @@ def run(a: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-def merge(files: list[Path], out_dir: Path, name: str, scaling_log: Path | None = None) -> int:
+def merge(files: list[Path], out_dir: Path, name: str, scaling_log: Path | None = None,
+          inference_log: Path | None = None) -> int:
     """One results document from several (a later file's section replaces an earlier one's)."""
     parts = [json.loads(Path(f).read_text()) for f in files]
     sections: dict[str, Any] = {}
@@ -265,6 +268,23 @@ def merge(files: list[Path], out_dir: Path, name: str, scaling_log: Path | None 
     for f, d in zip(files, parts):
         for k, v in d["sections"].items():
             sections[k] = v
+    if inference_log is not None:
+        import bench_inference
+
+        done = {(c["model"], c["recipe"]) for c in sections.get("inference", {}).get("cases", [])}
+        extra = [c for c in bench_inference.cases_from_log(Path(inference_log).read_text())
+                 if (c["model"], c["recipe"]) not in done]
+        if "inference" not in sections:
+            from bench_inference import MODELS
+
+            ic = parts[0]["config"]["inference"]
+            sections["inference"] = {
+                "cases": [], "from_log": f"rebuilt from {Path(inference_log).name}: latency medians and ratios only",
+                "models": ic["models"], "recipes": ic["recipes"], "threads": ic["threads"],
+                "budget_s_per_thread_count": ic["budget_s"], "min_runs": ic["min_runs"], "max_runs": ic["max_runs"],
+                "warmup": ic["warmup"], "optional_tools": parts[0]["machine"].get("optional_tools", {}),
+                "input_side": {m: MODELS[m][1] for m in ic["models"]}}
+        sections["inference"]["cases"] += extra
     if scaling_log is not None:
         import bench_scaling
 
