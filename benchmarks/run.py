@@ -268,6 +268,8 @@ def merge(files: list[Path], out_dir: Path, name: str, scaling_log: Path | None 
     for f, d in zip(files, parts):
         for k, v in d["sections"].items():
             sections[k] = v
+        provenance.append({"file": Path(f).name, "sections": list(d["sections"]), "machine": d["machine"],
+                           "wall_s": d.get("wall_s"), "complete": d.get("complete", True)})
     if inference_log is not None:
         import bench_inference
 
@@ -296,8 +298,6 @@ def merge(files: list[Path], out_dir: Path, name: str, scaling_log: Path | None 
             "slopes": bench_scaling.fit_slopes(rows),
             "from_log": f"rebuilt from {Path(scaling_log).name}: the scaling process was stopped before it "
                         "wrote its JSON; stages not in the log were not measured"}
-        provenance.append({"file": Path(f).name, "sections": list(d["sections"]), "machine": d["machine"],
-                           "wall_s": d.get("wall_s"), "complete": d.get("complete", True)})
     machine = dict(parts[0]["machine"])
     starts = [p["machine"].get("loadavg_start") for p in parts if p["machine"].get("loadavg_start")]
     ends = [p["machine"].get("loadavg_end") for p in parts if p["machine"].get("loadavg_end")]
