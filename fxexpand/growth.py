@@ -462,17 +462,3 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> tor
     optimizer.state.clear()
     optimizer.state.update(new_state)
     return optimizer
-
-
-def _chain_nodes(gm: fx.GraphModule, members: list[str]) -> list[fx.Node]:
-    by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
-    missing = [m for m in members if m not in by_target]
-    if missing:
-        raise InputError(f"the model has no call of {missing}: it does not match its growth record")
-    return [by_target[m] for m in members]
-
-
-def growth_info(model: nn.Module) -> dict | None:
-    """The growth record of a model built by :class:`GrowthPlan` (None for any other model)."""
-    return getattr(model, "_fxexpand_growth", None)
-

@@ -23,8 +23,9 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from ..errors import PreconditionError
+from ..errors import InputError, PreconditionError
 from ..graph import get_module, set_module
+from ..growth import spread
 from ..infra import Pass, PassResult, register_pass
 
 __all__ = ["InsertEMABlocksPass", "InsertEMABlocks"]
@@ -91,8 +92,6 @@ class InsertEMABlocksPass(Pass):
             for j in range(k):
                 seq.append(("old", j))
                 seq.extend(("new", j) for _ in range(pos.count(j)))
-            from ..growth import spread
-
             names = [slots[i] for i in spread(n, len(seq))]
             # 1. move the existing blocks out of the way, 2. place everything at its new name
             tmp = {}
@@ -108,7 +107,7 @@ class InsertEMABlocksPass(Pass):
                     set_module(gm, name, tmp[j][0])
                     renames[name] = members[j]
                 else:
-                    src = get_module(self.ema_model, members[j]) if _has(self.ema_model, members[j]) else None
+                    src = _get_or_none(self.ema_model, members[j])
                     if src is None or type(src) is not type(tmp[j][0]) or _shapes(src) != _shapes(tmp[j][0]):
                         raise PreconditionError(
                             f"the EMA model's {members[j]} does not match the model's block (is it the EMA "
@@ -148,17 +147,18 @@ class InsertEMABlocksPass(Pass):
 
 
 def _chain_nodes(gm: fx.GraphModule, members: list[str]) -> list[fx.Node]:
-    from ..growth import _chain_nodes as impl
+    by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    missing = [m for m in members if m not in by_target]
+    if missing:
+        raise InputError(f"the model has no call of {missing}: it does not match its growth record")
+    return [by_target[m] for m in members]
 
-    return impl(gm, members)
 
-
-def _has(root: nn.Module, name: str) -> bool:
+def _get_or_none(root: nn.Module, name: str) -> nn.Module | None:
     try:
-        get_module(root, name)
-        return True
+        return get_module(root, name)
     except AttributeError:
-        return False
+        return None
 
 
 def _shapes(m: nn.Module) -> dict[str, tuple]:
