@@ -236,3 +236,152 @@ def rows_from_log(text: str) -> list[dict]:
                 row["stages"][f"pass:{name}"] = {"median_s": float(t), "p10_s": float(t), "p90_s": float(t),
                                                  "repeats": None, "peak_rss_growth_mib": float("nan")}
     return [rows[n] for n in sorted(rows)]
+
+
+# --------------------------------------------------------------------------------------------------
+# the same stages on the inference section's models (torchvision + SmallNet, each recipe)
+
+MODEL_STAGES = ["trace", "fx_trace_fuse", "deploy_original_noverify", "expand", "contract_noverify",
+                "contract_verify", "deploy_noverify", "export"]
+
+
+def run_adaptive(fn: Callable[[], Any], max_repeats: int, budget_s: float) -> dict[str, Any]:
+    """Repeat ``fn`` (peak RSS measured each time) until ``max_repeats`` runs or ``budget_s`` seconds
+    have been spent; at least once. Median, p10-p90 and the largest peak-RSS growth."""
+    times, peaks = [], []
+    while True:
+        gc.collect()
+        dt, peak = peak_rss_growth(fn)
+        times.append(dt)
+        peaks.append(peak)
+        if len(times) >= max_repeats or sum(times) + float(np.median(times)) > budget_s:
+            break
+    return _summary(times, peaks)
+
+
+def _pass_label(p: Any, seen: dict[str, int]) -> str:
+    label = p.name + (f"({p.mode})" if isinstance(getattr(p, "mode", None), str) else "")
+    seen[label] = seen.get(label, 0) + 1
+    return label if seen[label] == 1 else f"{label}#{seen[label]}"
+
+
+def time_expansion_passes(model: nn.Module, passes: list) -> dict[str, float]:
+    """Seconds of each expansion pass of a recipe, run in order on a traced copy of ``model`` as
+    fxexpand.compile runs them (pass, lint, recompile; tracing is not timed here)."""
+    gm = fxexpand.trace(copy.deepcopy(model))
+    out, seen = {}, {}
+    for p in passes:
+        t0 = time.perf_counter()
+        r = p(gm)
+        gm = r.graph_module
+        if r.modified:
+            gm.graph.lint()
+            gm.recompile()
+        out[f"expand_pass:{_pass_label(p, seen)}"] = time.perf_counter() - t0
+    return out
+
+
+def _record(res: dict, key: str, fn: Callable[[], Any], label: str, max_repeats: int, budget_s: float) -> None:
+    try:
+        r = run_adaptive(fn, max_repeats, budget_s)
+        res[key] = r
+        log(f"  compile cost {label:<34} {key:<28} median {r['median_s']:8.3f} s  (p10-p90 {r['p10_s']:.3f}-"
+            f"{r['p90_s']:.3f}, {r['repeats']}x), peak RSS +{r['peak_rss_growth_mib']:.0f} MiB")
+    except Exception as e:  # one stage failing must not hide the others
+        res[key] = {"error": f"{type(e).__name__}: {e}"}
+        log(f"  [red]compile cost {label} {key} failed: {type(e).__name__}: {e}[/]")
+
+
+def _repeated_passes(fn: Callable[[], dict[str, float]], max_repeats: int, budget_s: float) -> dict[str, Any]:
+    per: dict[str, list[float]] = {}
+    spent = 0.0
+    for _ in range(max_repeats):
+        t0 = time.perf_counter()
+        for k, v in fn().items():
+            per.setdefault(k, []).append(v)
+        spent += time.perf_counter() - t0
+        if spent * (1 + 1 / len(next(iter(per.values()), [1]))) > budget_s:
+            break
+    return {k: _summary(v, []) for k, v in per.items()}
+
+
+def bench_model(name: str, recipes: list[str], workdir: Path, *, seed: int = 0, max_repeats: int = 5,
+                budget_s: float = 10.0) -> dict[str, Any]:
+    """Wall time and peak RSS growth of every compiler stage on one model of the inference section:
+    tracing, the fx baseline (symbolic_trace + fuse) and fxexpand's own BatchNorm folding of the
+    original (contract target "deploy": the same job as fuse), then per recipe: expand (compile),
+    each expansion pass, each contraction pass, contract with and without verification, deploy, and
+    ONNX export (with its onnxruntime check) of the contracted model."""
+    from torch.fx.experimental.optimization import fuse
+
+    from bench_inference import MODELS, RECIPES, randomise_bn
+
+    build, side = MODELS[name]
+    torch.manual_seed(seed)
+    model = randomise_bn(build(), seed).eval()
+    x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(seed + 1))
+    res: dict[str, Any] = {"model": name, "input_shape": list(x.shape), "params": fxexpand.count_parameters(model),
+                           "graph_nodes": len(fxexpand.trace(model).graph.nodes), "stages": {}, "recipes": {}}
+    try:
+        res["fx_graph_nodes"] = len(torch.fx.symbolic_trace(model).graph.nodes)
+    except Exception as e:
+        res["fx_graph_nodes"] = None
+        res["fx_trace_error"] = f"{type(e).__name__}: {e}"
+    st = res["stages"]
+    _record(st, "trace", lambda: fxexpand.trace(model), name, max_repeats, budget_s)
+    _record(st, "fx_trace_fuse", lambda: fuse(torch.fx.symbolic_trace(model)), name, max_repeats, budget_s)
+    _record(st, "deploy_original_noverify", lambda: fxexpand.contract(model, (x,), target="deploy", verify=False),
+            name, max_repeats, budget_s)
+    for recipe in recipes:
+        label = f"{name}/{recipe}"
+        rr: dict[str, Any] = {"stages": {}}
+        res["recipes"][recipe] = rr
+        try:
+            torch.manual_seed(seed + 7)
+            expanded = fxexpand.compile(model, passes=RECIPES[recipe]())
+            randomise_bn(expanded, seed + 3)
+            if fxexpand.schedule.decay_modules(expanded):
+                fxexpand.set_decay(expanded, 1.0)
+            expanded.eval()
+            rr["expanded_nodes_inlined"] = len(fxexpand.trace(expanded, inline_regions=True).graph.nodes)
+            rr["expanded_params"] = fxexpand.count_parameters(expanded)
+            contracted = fxexpand.contract(expanded, (x,), verify=False)
+        except Exception as e:
+            rr["error"] = f"{type(e).__name__}: {e}"
+            log(f"  [red]compile cost {label} failed: {rr['error']}[/]")
+            continue
+        s = rr["stages"]
+        _record(s, "expand", lambda: fxexpand.compile(model, passes=RECIPES[recipe]()), label, max_repeats, budget_s)
+        try:
+            s.update(_repeated_passes(lambda: time_expansion_passes(model, RECIPES[recipe]()), max_repeats, budget_s))
+            s.update(_repeated_passes(lambda: time_passes(expanded, x), max_repeats, budget_s))
+            log(f"  compile cost {label:<34} passes: " + ", ".join(
+                f"{k.split(':', 1)[1]} {v['median_s']:.3f} s" for k, v in s.items() if ":" in k))
+        except Exception as e:
+            s["passes"] = {"error": f"{type(e).__name__}: {e}"}
+            log(f"  [red]compile cost {label} passes failed: {s['passes']['error']}[/]")
+        _record(s, "contract_noverify", lambda: fxexpand.contract(expanded, (x,), verify=False), label, max_repeats, budget_s)
+        _record(s, "contract_verify", lambda: fxexpand.contract(expanded, (x,), verify=True), label, max_repeats, budget_s)
+        _record(s, "deploy_noverify", lambda: fxexpand.contract(expanded, (x,), target="deploy", verify=False), label,
+                max_repeats, budget_s)
+        path = workdir / f"cost_{name}_{recipe}.onnx"
+        _record(s, "export", lambda: fxexpand.export_onnx(contracted, (x,), path), label, max_repeats, budget_s)
+        path.unlink(missing_ok=True)
+        del expanded, contracted
+        gc.collect()
+    return res
+
+
+def run_models(models: list[str], recipes: list[str], *, seed: int = 0, max_repeats: int = 5, budget_s: float = 10.0,
+               progress: Callable[[], None] | None = None) -> list[dict]:
+    out = []
+    with tempfile.TemporaryDirectory(prefix="fxexpand_cost_") as tmp:
+        for name in models:
+            try:
+                out.append(bench_model(name, recipes, Path(tmp), seed=seed, max_repeats=max_repeats, budget_s=budget_s))
+            except Exception as e:
+                out.append({"model": name, "error": f"{type(e).__name__}: {e}"})
+                log(f"  [red]compile cost {name} failed: {type(e).__name__}: {e}[/]")
+            if progress is not None:
+                progress()
+    return out

@@ -107,7 +107,9 @@ def markdown(doc: dict, out_dir: Path, name: str, for_docs: bool = False) -> str
                          f"{t['fxexpand_deploy_noverify']['median_s'] * 1e3:.1f}",
                          f"{t['fxexpand_deploy_verify']['median_s'] * 1e3:.1f}"])
         L += _table(head, rows, 1)
-    if "scaling" in s:
+    if s.get("scaling", {}).get("model_costs"):
+        L += _model_cost_tables(s["scaling"]["model_costs"])
+    if s.get("scaling", {}).get("rows"):
         sc = s["scaling"]
         L += [f"### Compiler cost vs graph size (chains of n blocks, 1x{sc['channels']}x8x8 input; median of "
               + ", ".join(f"{v} at n={k}" for k, v in sc["repeats"].items()) + " runs)", ""]
@@ -168,6 +170,67 @@ def markdown(doc: dict, out_dir: Path, name: str, for_docs: bool = False) -> str
     return "\n".join(L)
 
 
+def _s(v: dict | None) -> str:
+    """Median seconds of a stage entry, or why there is none."""
+    if not v:
+        return "-"
+    if "median_s" in v:
+        t = v["median_s"]
+        return f"{t:.3f}" if t < 10 else f"{t:.1f}"
+    return "error" if "error" in v else "skipped"
+
+
+def _model_cost_tables(mc: dict) -> list[str]:
+    L = [f"### Compiler cost on the inference models (wall time in s, median of up to {mc['max_repeats']} runs, "
+         f"fewer where one stage passes {mc['budget_s_per_stage']:g} s; torch threads as above)", ""]
+    L += ["Per model: fxexpand's tracer, the torch.fx baseline (`symbolic_trace` + "
+          "`torch.fx.experimental.optimization.fuse`, which folds BatchNorm into convs), and fxexpand doing that "
+          "same job (`contract(model, target=\"deploy\", verify=False)` on the original model).", ""]
+    head = ["Model", "Nodes (fxexpand / fx)", "Params", "trace", "fx symbolic_trace + fuse",
+            "fxexpand deploy of the original", "fxexpand / fx", "peak RSS +MiB (fx / fxexpand)"]
+    rows = []
+    for m in mc["models"]:
+        if "error" in m:
+            rows.append([m["model"], "error: " + m["error"][:80]] + [""] * 6)
+            continue
+        st = m["stages"]
+        fx, dep = st.get("fx_trace_fuse", {}), st.get("deploy_original_noverify", {})
+        ratio = f"{dep['median_s'] / fx['median_s']:.2f}" if "median_s" in fx and "median_s" in dep else "-"
+        rows.append([m["model"], f"{m['graph_nodes']} / {m.get('fx_graph_nodes') or '-'}", _m(m["params"]),
+                     _s(st.get("trace")), _s(fx), _s(dep), ratio,
+                     f"{fx.get('peak_rss_growth_mib', float('nan')):.0f} / {dep.get('peak_rss_growth_mib', float('nan')):.0f}"])
+    L += _table(head, rows, 1)
+    L += ["Per model and recipe: `expand` is `fxexpand.compile` (trace + the recipe's passes); the passes are "
+          "also timed one by one on a traced copy (expansion passes on the original, contraction passes on the "
+          "expanded model at alpha = 1, one round in `contract`'s order); `contract` is target \"original\" "
+          "without and with verification (float32 + float64, 3 random inputs); `deploy` is target \"deploy\" "
+          "without verification; `export` is `fxexpand.export_onnx` of the contracted model, including its "
+          "onnx checker and onnxruntime comparison.", ""]
+    head = ["Model", "Recipe", "Nodes expanded", "expand", "expansion passes", "contraction passes", "contract",
+            "contract + verify", "deploy", "export", "contract ms / node", "max peak RSS +MiB (stage)"]
+    rows = []
+    for m in mc["models"]:
+        for recipe, r in m.get("recipes", {}).items():
+            if "error" in r:
+                rows.append([m["model"], recipe, "error: " + r["error"][:80]] + [""] * 9)
+                continue
+            st = r["stages"]
+            ex = ", ".join(f"{k.split(':', 1)[1].replace('Pass', '')} {_s(v)}" for k, v in st.items()
+                           if k.startswith("expand_pass:"))
+            co = ", ".join(f"{k.split(':', 1)[1].replace('Pass', '')} {_s(v)}" for k, v in st.items()
+                           if k.startswith("pass:"))
+            c = st.get("contract_noverify", {})
+            per_node = f"{c['median_s'] * 1e3 / r['expanded_nodes_inlined']:.2f}" if "median_s" in c else "-"
+            peaks = [(v["peak_rss_growth_mib"], k) for k, v in st.items()
+                     if isinstance(v.get("peak_rss_growth_mib"), (int, float)) and v["peak_rss_growth_mib"] == v["peak_rss_growth_mib"]]
+            pk = max(peaks) if peaks else None
+            rows.append([m["model"], recipe, str(r["expanded_nodes_inlined"]), _s(st.get("expand")), ex, co,
+                         _s(c), _s(st.get("contract_verify")), _s(st.get("deploy_noverify")), _s(st.get("export")),
+                         per_node, f"{pk[0]:.0f} ({pk[1]})" if pk else "-"])
+    L += _table(head, rows, 2)
+    return L
+
+
 def _load(p: Path) -> dict | None:
     try:
         return json.loads(p.read_text())
@@ -203,9 +266,14 @@ def plots(doc: dict, out_dir: Path, name: str) -> list[Path]:
         ax.set_title("Inference latency relative to the original model (log scale)")
         fig.tight_layout()
         written.append(_save(fig, out_dir / f"{name}_inference.png"))
-    if "scaling" in s:
+    if s.get("scaling", {}).get("rows") or s.get("scaling", {}).get("model_costs"):
         sc = s["scaling"]
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        mc = sc.get("model_costs")
+        if mc:
+            fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+            _model_cost_plot(ax2, mc, sc)
+        else:
+            fig, ax = plt.subplots(figsize=(7, 4.5))
         stages = list(dict.fromkeys(k for r in sc["rows"] for k in r["stages"]))
         for st in stages:
             pts = [(r["n"], r["stages"][st]["median_s"]) for r in sc["rows"] if "median_s" in r["stages"].get(st, {})]
@@ -249,6 +317,29 @@ def plots(doc: dict, out_dir: Path, name: str) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, out_dir / f"{name}_training.png"))
     return written
+
+
+def _model_cost_plot(ax, mc: dict, sc: dict) -> None:
+    """Contract (no verification) time against the expanded graph's node count: each model and recipe,
+    and the conv_bn_relu chains on the same axes (a straight line of slope 1 is linear cost)."""
+    markers = {"netbooster": "o", "expandnets_cl": "s", "expandnets_ck": "^"}
+    for recipe in mc["recipes"]:
+        pts = [(r["expanded_nodes_inlined"], r["stages"]["contract_noverify"]["median_s"], m["model"])
+               for m in mc["models"] for k, r in m.get("recipes", {}).items()
+               if k == recipe and "median_s" in r.get("stages", {}).get("contract_noverify", {})]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=markers.get(recipe, "o"), label=recipe)
+    chain = [(r["graph_nodes"].get("conv_bn_relu_expanded_inlined"), r["stages"]["contract_noverify"]["median_s"])
+             for r in sc.get("rows", []) if "median_s" in r["stages"].get("contract_noverify", {})
+             and r["graph_nodes"].get("conv_bn_relu_expanded_inlined")]
+    if chain:
+        ax.plot(*zip(*chain), color="gray", marker="x", ls="--", label="conv_bn_relu chains (CL)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("nodes of the expanded graph (regions inlined)")
+    ax.set_ylabel("contract, no verification (s)")
+    ax.set_title("contract cost: models and chains")
+    ax.legend(fontsize=7)
 
 
 def _save(fig, path: Path) -> Path:

@@ -8,9 +8,11 @@ Sections (``--only``, comma separated; default all):
   forms, measured alternately; ratios against the original; parameters and FLOPs (bench_inference.py).
 * ``peers``: RepVGG- and DBB-style blocks contracted by fxexpand vs the papers' formulas: output
   agreement in float64 and float32, and the time to contract (bench_peers.py).
-* ``scaling``: wall time and peak RSS of trace, each contraction pass, contract (with/without
-  verification) and export on synthetic chains of 100 / 1,000 / 10,000 blocks, the fx
-  symbolic_trace + fuse baseline, and the log-log slope of cost vs graph size (bench_scaling.py).
+* ``scaling``: wall time and peak RSS of trace, each expansion and contraction pass, contract
+  (with/without verification), deploy and export, first on every model of the inference section
+  (each recipe) and then on synthetic chains of 100 / 1,000 / 10,000 blocks; the fx
+  symbolic_trace + fuse baseline on the same models and chains, and the log-log slope of cost vs
+  graph size (bench_scaling.py).
 * ``training``: forward+backward+SGD step time (batch 32) and peak memory of expanded vs original
   models, next to the NetBooster paper's +32.5% (bench_training.py).
 
@@ -69,7 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch.set_num_threads for everything torch does (default 1; 0 keeps torch's default)")
     p.add_argument("--models", default=None, help="comma-separated model names (default: all seven)")
-    p.add_argument("--sizes", default=None, help="scaling chain lengths (default 100,1000,10000)")
+    p.add_argument("--sizes", default=None, help="scaling chain lengths (default 100,1000,10000; 'none' for no chains)")
+    p.add_argument("--no-model-costs", action="store_true",
+                   help="scaling section: only the synthetic chains, not the compiler stages on each model")
     p.add_argument("--out", type=Path, default=HERE / "results", help="output directory (default benchmarks/results)")
     p.add_argument("--name", default=None, help="results file stem (default suite; quick with --quick)")
     p.add_argument("--seed", type=int, default=0)
@@ -107,7 +111,15 @@ def config(a: argparse.Namespace) -> dict[str, Any]:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         _bad(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
-    sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else ([10, 30] if q else [100, 1000, 10000])
+    if a.sizes is not None and a.sizes.strip().lower() == "none":
+        sizes: list[int] = []
+    else:
+        try:
+            sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else ([10, 30] if q else [100, 1000, 10000])
+        except ValueError:
+            _bad(f"--sizes must be comma-separated integers or 'none', got {a.sizes!r}")
+        if any(n < 1 for n in sizes):
+            _bad(f"--sizes must be positive, got {a.sizes!r}")
     return {
         "quick": q, "sections": only, "seed": a.seed, "torch_threads": a.torch_threads,
         "inference": {"models": models, "recipes": ["expandnets_ck"] if q else ["netbooster", "expandnets_cl", "expandnets_ck"],
@@ -118,10 +130,11 @@ def config(a: argparse.Namespace) -> dict[str, Any]:
                       "warmup": 1 if q else 5},
         "peers": {"repeats": 1 if q else 10, "warmup": 0 if q else 2, "width": 8 if q else 16},
         "scaling": {"sizes": sizes, "repeats": {n: (1 if q else (3 if n <= 100 else 2 if n <= 1000 else 1)) for n in sizes},
-                    "export_limit": max(sizes),
-                    # at the largest size the two deploy-on-conv_conv-with-verify / BN-fold stages are left out
-                    # to keep the suite near 30 minutes (they are measured at the smaller sizes)
-                    "skip_at_largest": [] if q else ["deploy_bn_fold_noverify", "deploy_conv_conv_verify"]},
+                    "export_limit": max(sizes, default=0), "skip_at_largest": [],
+                    # the same stages on the inference models (--no-model-costs leaves them out)
+                    "models": [] if a.no_model_costs else models,
+                    "recipes": ["expandnets_ck"] if q else ["netbooster", "expandnets_cl", "expandnets_ck"],
+                    "max_repeats": 2 if q else 5, "budget_s": 1.0 if q else 10.0},
         "training": {"models": models, "recipes": ["expandnets_ck"] if q else ["netbooster", "expandnets_cl", "expandnets_ck"],
                      "side": {m: (32 if m == "smallnet" else 64) for m in models},
                      "budget_s": 0.2 if q else 8.0, "min_rounds": 2 if q else 3, "max_rounds": 3 if q else 20,
@@ -174,13 +187,15 @@ def run(a: argparse.Namespace) -> int:
                "--out", str(out_dir), "--torch-threads", str(a.torch_threads), "--seed", str(a.seed)]
         cmd += ["--quick"] if a.quick else []
         cmd += ["--sizes", a.sizes] if a.sizes else []
+        cmd += ["--models", a.models] if a.models else []
+        cmd += ["--no-model-costs"] if a.no_model_costs else []
         side_log = open(out_dir / f"{name}_scaling.log", "w") if out_dir.exists() else subprocess.DEVNULL
         side_proc = subprocess.Popen(cmd, stdout=side_log, stderr=subprocess.STDOUT)
         cfg["sections"] = [x for x in cfg["sections"] if x != "scaling"]
         console.print(f"scaling section runs in a second process (pid {side_proc.pid}), merged at the end")
     n_inf = len(cfg["inference"]["models"]) * len(cfg["inference"]["recipes"])
     total = ((n_inf if "inference" in cfg["sections"] else 0) + ("peers" in cfg["sections"])
-             + (len(cfg["scaling"]["sizes"]) if "scaling" in cfg["sections"] else 0)
+             + (len(cfg["scaling"]["sizes"]) + len(cfg["scaling"]["models"]) if "scaling" in cfg["sections"] else 0)
              + (len(cfg["training"]["models"]) if "training" in cfg["sections"] else 0))
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=False) as prog:
@@ -208,7 +223,19 @@ def run(a: argparse.Namespace) -> int:
 
             prog.update(task, description="scaling")
             c = cfg["scaling"]
-            rows = []
+            sc: dict[str, Any] = {"sizes": c["sizes"], "repeats": {str(k): v for k, v in c["repeats"].items()},
+                                  "export_limit": c["export_limit"], "channels": bench_scaling.C,
+                                  "input": [1, bench_scaling.C, bench_scaling.SIDE, bench_scaling.SIDE],
+                                  "rows": [], "slopes": {}}
+            sections["scaling"] = sc
+            if c["models"]:  # the models first: they are quicker than the 10,000-block chains
+                sc["model_costs"] = {"recipes": c["recipes"], "max_repeats": c["max_repeats"],
+                                     "budget_s_per_stage": c["budget_s"], "models": []}
+                for m in c["models"]:
+                    sc["model_costs"]["models"] += bench_scaling.run_models(
+                        [m], c["recipes"], seed=a.seed, max_repeats=c["max_repeats"], budget_s=c["budget_s"])
+                    adv()
+                    _partial(out_dir, name, machine, cfg, sections)
             import tempfile
 
             with tempfile.TemporaryDirectory(prefix="fxexpand_scaling_") as tmp:
@@ -216,12 +243,10 @@ def run(a: argparse.Namespace) -> int:
                     stages = None
                     if n == max(c["sizes"]) and c["skip_at_largest"]:
                         stages = set(bench_scaling.STAGES) - set(c["skip_at_largest"])
-                    rows.append(bench_scaling.bench_size(n, c["repeats"][n], c["export_limit"], Path(tmp), stages))
+                    sc["rows"].append(bench_scaling.bench_size(n, c["repeats"][n], c["export_limit"], Path(tmp), stages))
+                    sc["slopes"] = bench_scaling.fit_slopes(sc["rows"])
                     adv()
-            sections["scaling"] = {"sizes": c["sizes"], "repeats": {str(k): v for k, v in c["repeats"].items()},
-                                   "export_limit": c["export_limit"], "channels": bench_scaling.C,
-                                   "input": [1, bench_scaling.C, bench_scaling.SIDE, bench_scaling.SIDE],
-                                   "rows": rows, "slopes": bench_scaling.fit_slopes(rows)}
+                    _partial(out_dir, name, machine, cfg, sections)
         _partial(out_dir, name, machine, cfg, sections)
         if "training" in cfg["sections"]:
             import bench_training

@@ -36,8 +36,13 @@ class LatencyStats:
         return asdict(self)
 
 
-def make_session(path: str | os.PathLike, threads: int = 1, optimization: str = "all"):
-    """An onnxruntime CPU session with a fixed thread count and graph optimisation level."""
+def make_session(path: str | os.PathLike, threads: int = 1, optimization: str = "all", *, shared_pool: bool = False):
+    """An onnxruntime CPU session with a fixed thread count and graph optimisation level.
+
+    ``shared_pool=True`` runs the session on the process-wide thread pool (which
+    ``onnxruntime.capi._pybind_state.set_global_thread_pool_sizes`` must have sized before the first
+    session of the process) instead of a pool of its own; ``threads`` is then not applied per session.
+    """
     import onnxruntime as ort
 
     levels = {
@@ -49,8 +54,11 @@ def make_session(path: str | os.PathLike, threads: int = 1, optimization: str = 
     if optimization not in levels:
         raise ValueError(f"optimization must be one of {sorted(levels)}")
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
+    if shared_pool:
+        opts.use_per_session_threads = False
+    else:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = levels[optimization]
     if not os.path.exists(path):
@@ -130,8 +138,28 @@ def compare_onnx(
     seed: int = 0,
 ) -> list[LatencyStats]:
     """Latency of several ONNX files measured *alternately* (run 1 of each, run 2 of each, ...),
-    so that machine noise affects all of them alike; ratios between them are meaningful."""
-    sessions = [make_session(p, threads, optimization) for p in paths]
+    so that machine noise affects all of them alike; ratios between them are meaningful.
+
+    With ``threads > 1`` the sessions run in a child process on one shared onnxruntime thread pool.
+    Sessions with pools of their own do not alternate fairly: after each run a session's worker
+    threads keep spinning for a while, waiting for more work, and take the CPUs from the next
+    session (on a 2-CPU machine this made 2-thread runs about 4x slower than a session timed on its
+    own). A process-wide pool can only be sized before the process's first session, hence the child.
+    """
+    if runs < 1 or warmup < 0 or threads < 1:
+        raise ValueError("runs and threads must be >= 1 and warmup >= 0")
+    for p in paths:
+        if not os.path.exists(p):
+            raise ExportError(f"ONNX file {p} does not exist")
+    if threads == 1:  # a 1-thread session has no worker threads: nothing spins, so run in this process
+        times = _alternate(paths, threads, warmup, runs, input_shapes, optimization, seed, shared_pool=False)
+    else:
+        times = _alternate_in_child(paths, threads, warmup, runs, input_shapes, optimization, seed)
+    return [summarize(t, warmup, threads) for t in times]
+
+
+def _alternate(paths, threads, warmup, runs, input_shapes, optimization, seed, *, shared_pool) -> list[list[float]]:
+    sessions = [make_session(p, threads, optimization, shared_pool=shared_pool) for p in paths]
     feeds = [random_feeds(s, input_shapes, seed) for s in sessions]
     for s, f in zip(sessions, feeds):
         time_session(s, f, warmup)
@@ -139,4 +167,23 @@ def compare_onnx(
     for _ in range(runs):
         for i, (s, f) in enumerate(zip(sessions, feeds)):
             times[i].extend(time_session(s, f, 1))
-    return [summarize(t, warmup, threads) for t in times]
+    return times
+
+
+def _alternate_in_child(paths, threads, warmup, runs, input_shapes, optimization, seed) -> list[list[float]]:
+    import json
+    import subprocess
+    import sys
+
+    job = {"paths": [str(p) for p in paths], "threads": threads, "warmup": warmup, "runs": runs,
+           "input_shapes": [list(s) for s in input_shapes] if input_shapes is not None else None,
+           "optimization": optimization, "seed": seed}
+    proc = subprocess.run([sys.executable, "-m", "fxexpand._ort_child"], input=json.dumps(job),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        msg = lines[-1] if lines else f"exit code {proc.returncode}"
+        if "InputError" in msg:
+            raise InputError(msg.split(": ", 1)[-1])
+        raise ExportError(f"onnxruntime timing process failed: {msg}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["times"]

@@ -243,6 +243,18 @@ def test_fxexpand_bench_quick(tmp_path):
     assert "params" in c0 and "flops" in c0
     assert s["peers"]["cases"]["repvgg"]["float64"]["max_abs_fx_vs_ref"] < 1e-10
     assert "slopes" in s["scaling"] and s["scaling"]["rows"]
+    # compiler stages on the inference models too (item 4: "for the models in 2")
+    mc = s["scaling"]["model_costs"]["models"]
+    assert [m["model"] for m in mc] == doc["config"]["inference"]["models"]
+    m0 = mc[0]
+    for k in ("trace", "fx_trace_fuse", "deploy_original_noverify"):
+        assert m0["stages"][k]["median_s"] > 0 and "peak_rss_growth_mib" in m0["stages"][k], k
+    r0 = m0["recipes"]["expandnets_ck"]["stages"]
+    for k in ("expand", "contract_noverify", "contract_verify", "deploy_noverify", "export",
+              "pass:FuseLinearPass", "expand_pass:LinearExpandPass(CK)"):
+        assert r0[k]["median_s"] > 0, k
+    md = (out / "quick.md").read_text()
+    assert "Compiler cost on the inference models" in md and "fx symbolic_trace + fuse" in md
     tr = s["training"]["cases"]
     assert tr and all("ratio_median" in c for c in tr if "error" not in c)
     pngs = sorted(p.name for p in out.glob("*.png"))

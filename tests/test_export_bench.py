@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fxexpand
-from fxexpand import ExportError
+from fxexpand import ExportError, InputError
 
 from .conftest import randomize_bn
 
@@ -81,6 +81,19 @@ def test_benchmark_onnx_stats(tmp_path):
     assert 0 < stats.min_ms <= stats.median_ms <= stats.p90_ms
     both = fxexpand.compare_onnx([p, p], runs=5, warmup=1, threads=2)
     assert [s.runs for s in both] == [5, 5] and all(s.threads == 2 for s in both)
+
+
+def test_compare_onnx_multithread_errors(tmp_path):
+    """threads > 1 runs in a child process (one shared onnxruntime pool); its errors are the same types."""
+    x = torch.randn(1, 3, 16, 16)
+    p = fxexpand.export_onnx(_model(), (x,), tmp_path / "m.onnx")
+    with pytest.raises(ExportError, match="does not exist"):
+        fxexpand.compare_onnx([p, tmp_path / "nope.onnx"], threads=2)
+    with pytest.raises(InputError, match="2 shapes"):
+        fxexpand.compare_onnx([p], threads=2, input_shapes=[[1, 3, 16, 16]] * 2)
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    with pytest.raises(ExportError):
+        fxexpand.compare_onnx([p, tmp_path / "junk.onnx"], threads=2, runs=1, warmup=0)
 
 
 def test_benchmark_errors(tmp_path):
