@@ -19,7 +19,9 @@ node count of the ONNX file are reported.
 from __future__ import annotations
 
 import copy
+import gc
 import importlib.util
+import os
 import tempfile
 import time
 import traceback
@@ -87,21 +89,36 @@ def randomise_bn(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def _optimise(tool: str, src: Path, dst: Path) -> None:
-    import onnx
+def _memory_limit_bytes() -> int:
+    """Half of the machine's RAM: a third-party optimiser that needs more is stopped there (and
+    reported as failed) instead of taking the whole suite down with the kernel's OOM killer."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
 
-    if tool == "onnxslim":
-        import onnxslim
 
-        model = onnxslim.slim(str(src))
-        onnx.save(model, str(dst))
-    else:
-        import onnxsim
+def _optimise_isolated(tool: str, src: Path, dst: Path, timeout_s: float = 1800) -> None:
+    """Run ``_onnx_tools.py`` (the optimiser) in a child process with its data segment limited (RLIMIT_DATA) to
+    :func:`_memory_limit_bytes`; raise RuntimeError with the child's last error line on failure."""
+    import resource
+    import subprocess
+    import sys
 
-        model, ok = onnxsim.simplify(str(src))
-        if not ok:
-            raise RuntimeError("onnxsim's own check of the simplified model failed")
-        onnx.save(model, str(dst))
+    limit = _memory_limit_bytes()
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+    script = Path(__file__).with_name("_onnx_tools.py")
+    proc = subprocess.run([sys.executable, str(script), tool, str(src), str(dst)], capture_output=True,
+                          text=True, timeout=timeout_s, preexec_fn=cap)
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        why = lines[-1] if lines else f"exit code {proc.returncode}"
+        if proc.returncode < 0 or "MemoryError" in why or "bad_alloc" in why:
+            why = f"ran out of its {limit / 2**30:.0f} GiB memory limit ({why[:200]})"
+        raise RuntimeError(why)
 
 
 def _onnx_params(path: Path) -> int:
@@ -174,6 +191,10 @@ def bench_case(name: str, recipe: str, model: nn.Module, inputs: tuple, orig_pat
         res["max_rel_err_vs_expanded"] = {k: float((torch_models[k](*inputs) - want).abs().max() / want.abs().max())
                                           for k in ("contracted", "deploy")}
     res["wall_s"]["export_3"] = time.perf_counter() - t0
+    res["params"] = {"original": orig_info["params"], **{k: fxexpand.count_parameters(m) for k, m in torch_models.items()}}
+    res["flops"] = {"original": orig_info["flops"], **{k: fxexpand.count_flops(m, inputs) for k, m in torch_models.items()}}
+    del torch_models, expanded, contracted, deploy, want  # the large expanded model is not needed below
+    gc.collect()
     for tool in ("onnxslim", "onnxsim"):
         if tools[tool].startswith("skipped"):
             res["skipped"][tool] = tools[tool]
@@ -181,14 +202,12 @@ def bench_case(name: str, recipe: str, model: nn.Module, inputs: tuple, orig_pat
         dst = workdir / f"{name}_{recipe}_{tool}.onnx"
         try:
             t0 = time.perf_counter()
-            _optimise(tool, paths["expanded"], dst)
+            _optimise_isolated(tool, paths["expanded"], dst)
             res["wall_s"][tool] = time.perf_counter() - t0
             paths[tool] = dst
         except Exception as e:
             res["skipped"][tool] = f"skipped: {tool} failed ({type(e).__name__}: {str(e)[:300]})"
     order = [v for v in VARIANTS if v in paths]
-    res["params"] = {"original": orig_info["params"], **{k: fxexpand.count_parameters(m) for k, m in torch_models.items()}}
-    res["flops"] = {"original": orig_info["flops"], **{k: fxexpand.count_flops(m, inputs) for k, m in torch_models.items()}}
     res["onnx"] = {k: {**_ops(onnx_summary(p)), "nodes": onnx_summary(p)["nodes"], "initializer_elements": _onnx_params(p)}
                    for k, p in paths.items()}
     res["latency"] = []
@@ -259,3 +278,4 @@ def cases_from_log(text: str) -> list[dict]:
         c["latency"].append({"threads": th, "runs": runs, "stats": {k: {"median_ms": float(v)} for k, v, _ in vals},
                              "ratio_median": {k: float(r) for k, _, r in vals}})
     return list(cases.values())
+

@@ -281,7 +281,26 @@ def time_expansion_passes(model: nn.Module, passes: list) -> dict[str, float]:
     return out
 
 
+# set by _model_cost_main: (result dict, path) written after every stage, and the stage in progress
+_CHECKPOINT: dict[str, Any] = {}
+
+
+def _checkpoint(running: tuple[dict, str] | None) -> None:
+    """Write the model's results so far (and which stage is running) when running as a child process."""
+    if not _CHECKPOINT:
+        return
+    import json
+
+    root = _CHECKPOINT["result"]
+    if running is not None:
+        running[0][running[1]] = {"error": "the process ended during this stage (out of memory?)"}
+    _CHECKPOINT["path"].write_text(json.dumps(root, default=float))
+    if running is not None:
+        del running[0][running[1]]
+
+
 def _record(res: dict, key: str, fn: Callable[[], Any], label: str, max_repeats: int, budget_s: float) -> None:
+    _checkpoint((res, key))
     try:
         r = run_adaptive(fn, max_repeats, budget_s)
         res[key] = r
@@ -290,6 +309,7 @@ def _record(res: dict, key: str, fn: Callable[[], Any], label: str, max_repeats:
     except Exception as e:  # one stage failing must not hide the others
         res[key] = {"error": f"{type(e).__name__}: {e}"}
         log(f"  [red]compile cost {label} {key} failed: {type(e).__name__}: {e}[/]")
+    _checkpoint(None)
 
 
 def _repeated_passes(fn: Callable[[], dict[str, float]], max_repeats: int, budget_s: float) -> dict[str, Any]:
@@ -327,6 +347,8 @@ def bench_model(name: str, recipes: list[str], workdir: Path, *, seed: int = 0, 
     except Exception as e:
         res["fx_graph_nodes"] = None
         res["fx_trace_error"] = f"{type(e).__name__}: {e}"
+    if _CHECKPOINT:
+        _CHECKPOINT["result"] = res
     st = res["stages"]
     _record(st, "trace", lambda: fxexpand.trace(model), name, max_repeats, budget_s)
     _record(st, "fx_trace_fuse", lambda: fuse(torch.fx.symbolic_trace(model)), name, max_repeats, budget_s)
@@ -351,7 +373,9 @@ def bench_model(name: str, recipes: list[str], workdir: Path, *, seed: int = 0, 
             log(f"  [red]compile cost {label} failed: {rr['error']}[/]")
             continue
         s = rr["stages"]
+        _checkpoint(None)
         _record(s, "expand", lambda: fxexpand.compile(model, passes=RECIPES[recipe]()), label, max_repeats, budget_s)
+        _checkpoint((s, "passes"))
         try:
             s.update(_repeated_passes(lambda: time_expansion_passes(model, RECIPES[recipe]()), max_repeats, budget_s))
             s.update(_repeated_passes(lambda: time_passes(expanded, x), max_repeats, budget_s))
@@ -373,15 +397,72 @@ def bench_model(name: str, recipes: list[str], workdir: Path, *, seed: int = 0, 
 
 
 def run_models(models: list[str], recipes: list[str], *, seed: int = 0, max_repeats: int = 5, budget_s: float = 10.0,
-               progress: Callable[[], None] | None = None) -> list[dict]:
+               progress: Callable[[], None] | None = None, isolate: bool = True) -> list[dict]:
+    """:func:`bench_model` for each model; with ``isolate`` each model runs in a fresh child process
+    (its own peak RSS, no heap left over from the previous model, and a model that exhausts memory,
+    e.g. contract(verify=True) of resnet50-CL's 621 M parameters in float32 + float64, is recorded
+    as failed instead of ending the suite)."""
+    import json
+    import subprocess
+    import sys
+
     out = []
     with tempfile.TemporaryDirectory(prefix="fxexpand_cost_") as tmp:
         for name in models:
-            try:
-                out.append(bench_model(name, recipes, Path(tmp), seed=seed, max_repeats=max_repeats, budget_s=budget_s))
-            except Exception as e:
-                out.append({"model": name, "error": f"{type(e).__name__}: {e}"})
-                log(f"  [red]compile cost {name} failed: {type(e).__name__}: {e}[/]")
+            if not isolate:
+                try:
+                    out.append(bench_model(name, recipes, Path(tmp), seed=seed, max_repeats=max_repeats, budget_s=budget_s))
+                except Exception as e:
+                    out.append({"model": name, "error": f"{type(e).__name__}: {e}"})
+                    log(f"  [red]compile cost {name} failed: {type(e).__name__}: {e}[/]")
+            else:
+                dst = Path(tmp) / f"{name}.json"
+                cmd = [sys.executable, __file__, "--model-cost", name, "--recipes", ",".join(recipes), "--seed", str(seed),
+                       "--max-repeats", str(max_repeats), "--budget", str(budget_s),
+                       "--torch-threads", str(torch.get_num_threads()), "--json", str(dst)]
+                rc = subprocess.run(cmd).returncode
+                if dst.exists():  # complete, or what was measured before the process ended
+                    out.append(json.loads(dst.read_text()))
+                    if rc != 0:
+                        out[-1]["process_exit"] = rc
+                        log(f"  [red]compile cost {name}: the measuring process ended with {rc}; stages measured "
+                            "before that are kept[/]")
+                else:
+                    why = ("killed by signal %d (out of memory?)" % -rc) if rc < 0 else f"exit code {rc}"
+                    out.append({"model": name, "error": f"the measuring process for {name} failed: {why}"})
+                    log(f"  [red]compile cost {name} failed: {why}[/]")
             if progress is not None:
                 progress()
     return out
+
+
+def _model_cost_main(argv: list[str] | None = None) -> int:
+    """``python bench_scaling.py --model-cost NAME ...``: one model's compiler costs into a JSON file
+    (what run_models runs in a child process). Each stage's result is written as soon as it is known,
+    so a stage that runs the process out of memory leaves the others behind."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-cost", required=True)
+    ap.add_argument("--recipes", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-repeats", type=int, default=5)
+    ap.add_argument("--budget", type=float, default=10.0)
+    ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, required=True)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.torch_threads)
+    torch.set_flush_denormal(True)
+    _CHECKPOINT["path"] = a.json
+    with tempfile.TemporaryDirectory(prefix="fxexpand_cost_") as tmp:
+        res = bench_model(a.model_cost, a.recipes.split(","), Path(tmp), seed=a.seed, max_repeats=a.max_repeats,
+                          budget_s=a.budget)
+    a.json.write_text(json.dumps(res, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_model_cost_main())
