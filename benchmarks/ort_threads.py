@@ -7,7 +7,7 @@ file, alternated run by run as the benchmark suite does, three ways:
 * ``per-session pools``: each session with its own 2-thread intra-op pool (onnxruntime's default);
 * ``same, one session alone``: the first of those sessions timed on its own afterwards;
 * ``shared pool``: ``fxexpand.compare_onnx(threads=2)``, i.e. a child process whose sessions all run
-  on one process-wide 2-thread pool.
+  on one process-wide 2-thread pool; then one session on such a pool, and 1 thread for reference.
 
 Identical files should time alike. Usage: ``python benchmarks/ort_threads.py [--runs 80]``.
 """
@@ -53,6 +53,7 @@ def main() -> None:
             alone.append((time.perf_counter() - t0) * 1e3)
         del sessions
         shared = fxexpand.compare_onnx([path] * 3, threads=2, runs=a.runs, warmup=5)
+        shared_alone = fxexpand.compare_onnx([path], threads=2, runs=a.runs, warmup=5)[0]
         one = fxexpand.compare_onnx([path], threads=1, runs=a.runs, warmup=5)[0]
     fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
     print(f"mobilenet_v2 1x3x112x112, onnxruntime 2 intra-op threads, {a.runs} alternated runs per session, "
@@ -60,6 +61,7 @@ def main() -> None:
     print(f"  per-session pools, alternated : medians {fmt(np.median(t) for t in times)} ms")
     print(f"  same, one session alone       : median {np.median(alone):.2f} ms")
     print(f"  shared pool (compare_onnx)    : medians {fmt(s.median_ms for s in shared)} ms")
+    print(f"  shared pool, one session      : median {shared_alone.median_ms:.2f} ms")
     print(f"  1 thread (compare_onnx)       : median {one.median_ms:.2f} ms")
 
 
