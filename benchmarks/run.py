@@ -23,7 +23,7 @@ file without measuring anything.
 
 Usage::
 
-    python benchmarks/run.py                      # the full suite (about 25-45 minutes on 2 shared cores)
+    python benchmarks/run.py                      # the full suite (63 min in the recorded run on 2 quiet cores)
     python benchmarks/run.py --quick --out /tmp/b # seconds: tiny models, few runs (the test uses this)
     python benchmarks/run.py --only peers,scaling --runs 500
     python benchmarks/run.py --report             # tables + docs from benchmarks/results/suite.json
