@@ -89,6 +89,15 @@ def randomise_bn(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
+def at_alpha1(expanded: nn.Module, seed: int) -> nn.Module:
+    """The expanded model as benchmarked: its BatchNorm statistics randomised, every decaying
+    activation at alpha = 1 (linear, so it contracts), eval mode. In place; returns it."""
+    randomise_bn(expanded, seed + 3)
+    if fxexpand.schedule.decay_modules(expanded):
+        fxexpand.set_decay(expanded, 1.0)
+    return expanded.eval()
+
+
 def _memory_limit_bytes() -> int:
     """Half of the machine's RAM: a third-party optimiser that needs more is stopped there (and
     reported as failed) instead of taking the whole suite down with the kernel's OOM killer."""
@@ -164,10 +173,7 @@ def bench_case(name: str, recipe: str, model: nn.Module, inputs: tuple, orig_pat
         res["note"] = "the recipe found no eligible layer: " + "; ".join(reasons)
         log(f"  {name}/{recipe}: nothing to expand ({res['note'][:120]})")
         return res
-    randomise_bn(expanded, seed + 3)
-    if fxexpand.schedule.decay_modules(expanded):
-        fxexpand.set_decay(expanded, 1.0)
-    expanded.eval()
+    at_alpha1(expanded, seed)
     # verify=False here: export_onnx below checks every file against the expanded torch model's outputs
     # (contract's float32+float64 verification is measured in the scaling and peers sections)
     t0 = time.perf_counter()

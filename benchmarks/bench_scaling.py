@@ -119,13 +119,7 @@ def _summary(times: list[float], peaks: list[float]) -> dict[str, Any]:
 
 
 def run_stage(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
-    times, peaks = [], []
-    for _ in range(repeats):
-        gc.collect()
-        dt, peak = peak_rss_growth(fn)
-        times.append(dt)
-        peaks.append(peak)
-    return _summary(times, peaks)
+    return run_adaptive(fn, repeats, math.inf)
 
 
 def bench_size(n: int, repeats: int, export_limit: int, workdir: Path, stages: set[str] | None = None) -> dict:
@@ -162,13 +156,9 @@ def bench_size(n: int, repeats: int, export_limit: int, workdir: Path, stages: s
             continue
         if name == "passes":
             try:
-                per: dict[str, list[float]] = {}
-                for _ in range(repeats):
-                    for k, v in time_passes(expanded, x).items():
-                        per.setdefault(k, []).append(v)
-                for k, v in per.items():
-                    res["stages"][k] = _summary(v, [])
-                log(f"  scaling n={n:>6} passes: " + ", ".join(f"{k[5:]} {np.median(v):.3f} s" for k, v in per.items()))
+                per = _repeated_passes(lambda: time_passes(expanded, x), repeats, math.inf)
+                res["stages"].update(per)
+                log(f"  scaling n={n:>6} passes: " + ", ".join(f"{k[5:]} {v['median_s']:.3f} s" for k, v in per.items()))
             except Exception as e:
                 res["stages"]["passes"] = {"error": f"{type(e).__name__}: {e}"}
                 log(f"  [red]scaling n={n} passes failed: {e}[/]")
@@ -241,10 +231,6 @@ def rows_from_log(text: str) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 # the same stages on the inference section's models (torchvision + SmallNet, each recipe)
 
-MODEL_STAGES = ["trace", "fx_trace_fuse", "deploy_original_noverify", "expand", "contract_noverify",
-                "contract_verify", "deploy_noverify", "export"]
-
-
 def run_adaptive(fn: Callable[[], Any], max_repeats: int, budget_s: float) -> dict[str, Any]:
     """Repeat ``fn`` (peak RSS measured each time) until ``max_repeats`` runs or ``budget_s`` seconds
     have been spent; at least once. Median, p10-p90 and the largest peak-RSS growth."""
@@ -281,12 +267,13 @@ def time_expansion_passes(model: nn.Module, passes: list) -> dict[str, float]:
     return out
 
 
-# set by _model_cost_main: (result dict, path) written after every stage, and the stage in progress
+# set by _model_cost_main: the result dict and the JSON path it is written to after every stage
 _CHECKPOINT: dict[str, Any] = {}
 
 
 def _checkpoint(running: tuple[dict, str] | None) -> None:
-    """Write the model's results so far (and which stage is running) when running as a child process."""
+    """Write the model's results so far when running as a child process; with ``running`` = (stage
+    dict, key), that stage is written as failed, so the file says which stage a killed process was in."""
     if not _CHECKPOINT:
         return
     import json
@@ -313,14 +300,16 @@ def _record(res: dict, key: str, fn: Callable[[], Any], label: str, max_repeats:
 
 
 def _repeated_passes(fn: Callable[[], dict[str, float]], max_repeats: int, budget_s: float) -> dict[str, Any]:
+    """Call ``fn`` (seconds per pass) up to ``max_repeats`` times, stopping when one more round would
+    pass ``budget_s``; the summary of each pass's times (peak memory is not measured per pass)."""
     per: dict[str, list[float]] = {}
     spent = 0.0
-    for _ in range(max_repeats):
+    for done in range(1, max_repeats + 1):
         t0 = time.perf_counter()
         for k, v in fn().items():
             per.setdefault(k, []).append(v)
         spent += time.perf_counter() - t0
-        if spent * (1 + 1 / len(next(iter(per.values()), [1]))) > budget_s:
+        if spent + spent / done > budget_s:
             break
     return {k: _summary(v, []) for k, v in per.items()}
 
@@ -334,7 +323,7 @@ def bench_model(name: str, recipes: list[str], workdir: Path, *, seed: int = 0, 
     ONNX export (with its onnxruntime check) of the contracted model."""
     from torch.fx.experimental.optimization import fuse
 
-    from bench_inference import MODELS, RECIPES, randomise_bn
+    from bench_inference import MODELS, RECIPES, at_alpha1, randomise_bn
 
     build, side = MODELS[name]
     torch.manual_seed(seed)
@@ -360,11 +349,7 @@ def bench_model(name: str, recipes: list[str], workdir: Path, *, seed: int = 0, 
         res["recipes"][recipe] = rr
         try:
             torch.manual_seed(seed + 7)
-            expanded = fxexpand.compile(model, passes=RECIPES[recipe]())
-            randomise_bn(expanded, seed + 3)
-            if fxexpand.schedule.decay_modules(expanded):
-                fxexpand.set_decay(expanded, 1.0)
-            expanded.eval()
+            expanded = at_alpha1(fxexpand.compile(model, passes=RECIPES[recipe]()), seed)
             rr["expanded_nodes_inlined"] = len(fxexpand.trace(expanded, inline_regions=True).graph.nodes)
             rr["expanded_params"] = fxexpand.count_parameters(expanded)
             contracted = fxexpand.contract(expanded, (x,), verify=False)
@@ -373,7 +358,6 @@ def bench_model(name: str, recipes: list[str], workdir: Path, *, seed: int = 0, 
             log(f"  [red]compile cost {label} failed: {rr['error']}[/]")
             continue
         s = rr["stages"]
-        _checkpoint(None)
         _record(s, "expand", lambda: fxexpand.compile(model, passes=RECIPES[recipe]()), label, max_repeats, budget_s)
         _checkpoint((s, "passes"))
         try:
@@ -397,11 +381,11 @@ def bench_model(name: str, recipes: list[str], workdir: Path, *, seed: int = 0, 
 
 
 def run_models(models: list[str], recipes: list[str], *, seed: int = 0, max_repeats: int = 5, budget_s: float = 10.0,
-               progress: Callable[[], None] | None = None, isolate: bool = True) -> list[dict]:
-    """:func:`bench_model` for each model; with ``isolate`` each model runs in a fresh child process
-    (its own peak RSS, no heap left over from the previous model, and a model that exhausts memory,
-    e.g. contract(verify=True) of resnet50-CL's 621 M parameters in float32 + float64, is recorded
-    as failed instead of ending the suite)."""
+               progress: Callable[[], None] | None = None) -> list[dict]:
+    """:func:`bench_model` for each model, each in a fresh child process (its own peak RSS, no heap
+    left over from the previous model, and a model that exhausts memory, e.g. contract(verify=True)
+    of resnet50-CL's 621 M parameters in float32 + float64, is recorded as failed instead of ending
+    the suite)."""
     import json
     import subprocess
     import sys
@@ -409,28 +393,21 @@ def run_models(models: list[str], recipes: list[str], *, seed: int = 0, max_repe
     out = []
     with tempfile.TemporaryDirectory(prefix="fxexpand_cost_") as tmp:
         for name in models:
-            if not isolate:
-                try:
-                    out.append(bench_model(name, recipes, Path(tmp), seed=seed, max_repeats=max_repeats, budget_s=budget_s))
-                except Exception as e:
-                    out.append({"model": name, "error": f"{type(e).__name__}: {e}"})
-                    log(f"  [red]compile cost {name} failed: {type(e).__name__}: {e}[/]")
+            dst = Path(tmp) / f"{name}.json"
+            cmd = [sys.executable, __file__, "--model-cost", name, "--recipes", ",".join(recipes), "--seed", str(seed),
+                   "--max-repeats", str(max_repeats), "--budget", str(budget_s),
+                   "--torch-threads", str(torch.get_num_threads()), "--json", str(dst)]
+            rc = subprocess.run(cmd).returncode
+            if dst.exists():  # complete, or what was measured before the process ended
+                out.append(json.loads(dst.read_text()))
+                if rc != 0:
+                    out[-1]["process_exit"] = rc
+                    log(f"  [red]compile cost {name}: the measuring process ended with {rc}; stages measured "
+                        "before that are kept[/]")
             else:
-                dst = Path(tmp) / f"{name}.json"
-                cmd = [sys.executable, __file__, "--model-cost", name, "--recipes", ",".join(recipes), "--seed", str(seed),
-                       "--max-repeats", str(max_repeats), "--budget", str(budget_s),
-                       "--torch-threads", str(torch.get_num_threads()), "--json", str(dst)]
-                rc = subprocess.run(cmd).returncode
-                if dst.exists():  # complete, or what was measured before the process ended
-                    out.append(json.loads(dst.read_text()))
-                    if rc != 0:
-                        out[-1]["process_exit"] = rc
-                        log(f"  [red]compile cost {name}: the measuring process ended with {rc}; stages measured "
-                            "before that are kept[/]")
-                else:
-                    why = ("killed by signal %d (out of memory?)" % -rc) if rc < 0 else f"exit code {rc}"
-                    out.append({"model": name, "error": f"the measuring process for {name} failed: {why}"})
-                    log(f"  [red]compile cost {name} failed: {why}[/]")
+                why = ("killed by signal %d (out of memory?)" % -rc) if rc < 0 else f"exit code {rc}"
+                out.append({"model": name, "error": f"the measuring process for {name} failed: {why}"})
+                log(f"  [red]compile cost {name} failed: {why}[/]")
             if progress is not None:
                 progress()
     return out

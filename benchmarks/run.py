@@ -130,7 +130,7 @@ def config(a: argparse.Namespace) -> dict[str, Any]:
                       "warmup": 1 if q else 5},
         "peers": {"repeats": 1 if q else 10, "warmup": 0 if q else 2, "width": 8 if q else 16},
         "scaling": {"sizes": sizes, "repeats": {n: (1 if q else (3 if n <= 100 else 2 if n <= 1000 else 1)) for n in sizes},
-                    "export_limit": max(sizes, default=0), "skip_at_largest": [],
+                    "export_limit": max(sizes, default=0),
                     # the same stages on the inference models (--no-model-costs leaves them out)
                     "models": [] if a.no_model_costs else models,
                     "recipes": ["expandnets_ck"] if q else ["netbooster", "expandnets_cl", "expandnets_ck"],
@@ -240,10 +240,7 @@ def run(a: argparse.Namespace) -> int:
 
             with tempfile.TemporaryDirectory(prefix="fxexpand_scaling_") as tmp:
                 for n in c["sizes"]:
-                    stages = None
-                    if n == max(c["sizes"]) and c["skip_at_largest"]:
-                        stages = set(bench_scaling.STAGES) - set(c["skip_at_largest"])
-                    sc["rows"].append(bench_scaling.bench_size(n, c["repeats"][n], c["export_limit"], Path(tmp), stages))
+                    sc["rows"].append(bench_scaling.bench_size(n, c["repeats"][n], c["export_limit"], Path(tmp)))
                     sc["slopes"] = bench_scaling.fit_slopes(sc["rows"])
                     adv()
                     _partial(out_dir, name, machine, cfg, sections)

@@ -1,5 +1,6 @@
 """Child process of :func:`fxexpand.compare_onnx` for ``threads > 1``: sizes onnxruntime's process-wide
-thread pool before any session exists, times the files alternately on it and prints the times as JSON.
+thread pool before any session exists, times the files alternately on it and prints the times as JSON
+(or, for an fxexpand error or ValueError, its type and message).
 
 Reads one JSON job from stdin: paths, threads, warmup, runs, input_shapes, optimization, seed.
 """
@@ -16,9 +17,14 @@ def main() -> int:
 
     _pybind_state.set_global_thread_pool_sizes(int(job["threads"]), 1)  # intra-op, inter-op
     from .bench import _alternate
+    from .errors import FxExpandError
 
-    times = _alternate(job["paths"], job["threads"], job["warmup"], job["runs"], job["input_shapes"],
-                       job["optimization"], job["seed"], shared_pool=True)
+    try:
+        times = _alternate(job["paths"], job["threads"], job["warmup"], job["runs"], job["input_shapes"],
+                           job["optimization"], job["seed"], shared_pool=True)
+    except (FxExpandError, ValueError) as e:  # the caller raises the same type
+        print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+        return 1
     print(json.dumps({"times": times}))
     return 0
 

@@ -180,10 +180,15 @@ def _alternate_in_child(paths, threads, warmup, runs, input_shapes, optimization
            "optimization": optimization, "seed": seed}
     proc = subprocess.run([sys.executable, "-m", "fxexpand._ort_child"], input=json.dumps(job),
                           capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        msg = lines[-1] if lines else f"exit code {proc.returncode}"
-        if "InputError" in msg:
-            raise InputError(msg.split(": ", 1)[-1])
-        raise ExportError(f"onnxruntime timing process failed: {msg}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["times"]
+    lines = proc.stdout.strip().splitlines()
+    try:
+        reply = json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        reply = {}
+    if "times" in reply:
+        return reply["times"]
+    if "error" in reply:
+        kind = {"InputError": InputError, "ValueError": ValueError}.get(reply["error"], ExportError)
+        raise kind(reply["message"])
+    err = (proc.stderr or proc.stdout).strip().splitlines()
+    raise ExportError(f"onnxruntime timing process failed: {err[-1] if err else f'exit code {proc.returncode}'}")
