@@ -35,6 +35,7 @@ from torch import nn
 import fxexpand
 from _common import log, onnx_summary
 from fxexpand.models import SmallNet
+from fxexpand.testing import randomize_bn
 
 VARIANTS = ["original", "expanded", "onnxslim", "onnxsim", "contracted", "deploy"]
 
@@ -75,24 +76,10 @@ def optional_tools() -> dict[str, str]:
     return out
 
 
-def randomise_bn(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-    return model
-
-
 def at_alpha1(expanded: nn.Module, seed: int) -> nn.Module:
     """The expanded model as benchmarked: its BatchNorm statistics randomised, every decaying
     activation at alpha = 1 (linear, so it contracts), eval mode. In place; returns it."""
-    randomise_bn(expanded, seed + 3)
+    randomize_bn(expanded, seed + 3)
     if fxexpand.schedule.decay_modules(expanded):
         fxexpand.set_decay(expanded, 1.0)
     return expanded.eval()
@@ -147,7 +134,7 @@ def _ops(summary: dict) -> dict[str, int]:
 def prepare_model(name: str, workdir: Path, seed: int) -> tuple[nn.Module, tuple, Path, dict]:
     build, side = MODELS[name]
     torch.manual_seed(seed)
-    model = randomise_bn(build(), seed).eval()
+    model = randomize_bn(build(), seed).eval()
     x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(seed + 1))
     path = workdir / f"{name}_original.onnx"
     fxexpand.export_onnx(model, (x,), path)

@@ -32,6 +32,7 @@ from torch import nn
 
 import fxexpand
 from _common import log
+from fxexpand.testing import randomize_bn
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -93,22 +94,6 @@ def dbb_net(width: int = 16) -> nn.Sequential:
     cfg = [(3, w, 2, 3), (w, w, 1, 3), (w, 2 * w, 2, 3), (2 * w, 2 * w, 1, 5), (2 * w, 4 * w, 2, 3),
            (4 * w, 4 * w, 1, 3)]
     return nn.Sequential(*[DBBBlock(a, b, s, k) for a, b, s, k in cfg])
-
-
-def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random running statistics and affine parameters (default ones hide folding errors), eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
-
-
-# -- the reference formulas -------------------------------------------------------------------------
 
 
 def _fold(w: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +188,7 @@ def run(repeats: int, warmup: int, width: int = 16, side: int = 32, seed: int = 
                            "cases": {}}
     for name, build in CASES.items():
         torch.manual_seed(seed)
-        net = randomise_bn(build(width), seed)
+        net = randomize_bn(build(width), seed).eval()
         x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(seed + 1))
         res: dict[str, Any] = {"blocks": len(net), "params": fxexpand.count_parameters(net)}
         res["float64"] = compare(net, x)

@@ -6,13 +6,13 @@ Two synthetic chains of ``n`` blocks on a 1x4x8x8 input (tiny tensors, so the gr
   expanded with ExpandNets CL (every conv becomes 1x1 -> 3x3 -> 1x1 inside an ExpandedRegion) and
   contracted back (target "original"); target "deploy" folds every BatchNorm of the original chain.
 * ``conv_conv``: ``n`` x [Conv2d(4, 4, 3, padding=1) -> Conv2d(4, 4, 1) -> ReLU]; target "deploy"
-  fuses every conv∘conv pair (it saves MACs), FuseLinearPass's sequential rule ``n`` times.
+  fuses every conv∘conv pair (it saves MACs), FuseLinear's sequential rule ``n`` times.
 
 Stages (each timed on its own, wall time and peak-RSS growth): ``trace`` (fxexpand.trace),
 ``fx_trace_fuse`` (torch.fx.symbolic_trace + torch.fx.experimental.optimization.fuse, the baseline),
 ``expand`` (fxexpand.compile with LinearExpand CL), the contraction passes one by one on a traced and
-shape-propagated expanded graph (``pass:RemoveIdentityPass``, ``pass:FoldBatchNormPass``,
-``pass:FuseLinearPass``, ``pass:RestoreOriginalPass``), ``contract`` with and without verification
+shape-propagated expanded graph (``pass:RemoveIdentity``, ``pass:FoldBatchNorm``,
+``pass:FuseLinear``, ``pass:RestoreOriginal``), ``contract`` with and without verification
 (target original on the expanded chain; deploy on conv_conv), ``export`` (fxexpand.export_onnx with its
 onnxruntime check) of the contracted chain.
 
@@ -37,6 +37,7 @@ from torch import nn
 import fxexpand
 from fxexpand.passes import LinearExpand
 from _common import log, peak_rss_growth
+from fxexpand.testing import randomize_bn
 
 C, SIDE = 4, 8
 
@@ -65,18 +66,6 @@ class ConvConvChain(nn.Module):
         return self.body(x)
 
 
-def _randomise_bn(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
-    return model.eval()
-
-
 def _scale_init(model: nn.Module) -> nn.Module:
     """Weights scaled so a deep chain neither explodes nor vanishes (verification needs finite outputs)."""
     with torch.no_grad():
@@ -89,20 +78,20 @@ def _scale_init(model: nn.Module) -> nn.Module:
 
 STAGES = ["trace", "fx_trace_fuse", "expand", "passes", "contract_noverify", "contract_verify",
           "deploy_bn_fold_noverify", "deploy_conv_conv_noverify", "deploy_conv_conv_verify", "export"]
-PASS_NAMES = ["RemoveIdentityPass", "FoldBatchNormPass", "FuseLinearPass", "RestoreOriginalPass"]
+PASS_NAMES = ["RemoveIdentity", "FoldBatchNorm", "FuseLinear", "RestoreOriginal"]
 
 
 def time_passes(expanded: nn.Module, x: torch.Tensor) -> dict[str, float]:
     """Seconds of each contraction pass, run in sequence (one round, as contract's first fixed-point
     round) on a traced, shape-propagated copy of the expanded chain (tracing is not timed here)."""
-    from fxexpand.api import propagate_shapes
-    from fxexpand.passes import FoldBatchNormPass, FuseLinearPass, RemoveIdentityPass, RestoreOriginalPass
+    from fxexpand.core import propagate_shapes
+    from fxexpand.passes import FoldBatchNorm, FuseLinear, RemoveIdentity, RestoreOriginal
 
     gm = fxexpand.trace(copy.deepcopy(expanded).eval(), inline_regions=True)
     propagate_shapes(gm, (x,))
     out = {}
-    for p in (RemoveIdentityPass(scope="expanded"), FoldBatchNormPass(scope="expanded"),
-              FuseLinearPass(scope="expanded"), RestoreOriginalPass()):
+    for p in (RemoveIdentity(scope="expanded"), FoldBatchNorm(scope="expanded"),
+              FuseLinear(scope="expanded"), RestoreOriginal()):
         t0 = time.perf_counter()
         gm = p(gm).graph_module
         gm.recompile()
@@ -125,11 +114,11 @@ def run_stage(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
 def bench_size(n: int, repeats: int, export_limit: int, workdir: Path, stages: set[str] | None = None) -> dict:
     torch.manual_seed(n)
     x = torch.randn(1, C, SIDE, SIDE, generator=torch.Generator().manual_seed(1))
-    chain = _randomise_bn(_scale_init(ConvBNReLUChain(n)), n)
+    chain = randomize_bn(_scale_init(ConvBNReLUChain(n)), n).eval()
     cc = _scale_init(ConvConvChain(n)).eval()
     torch.manual_seed(n + 1)
     expanded = fxexpand.compile(chain, passes=[LinearExpand(mode="CL")]).eval()
-    _randomise_bn(expanded, n + 2)
+    randomize_bn(expanded, n + 2).eval()
     contracted = fxexpand.contract(expanded, (x,), verify=False)
     res: dict[str, Any] = {"n": n, "graph_nodes": {
         "conv_bn_relu": len(torch.fx.symbolic_trace(chain).graph.nodes),
@@ -323,11 +312,11 @@ def bench_model(name: str, recipes: list[str], workdir: Path, *, seed: int = 0, 
     ONNX export (with its onnxruntime check) of the contracted model."""
     from torch.fx.experimental.optimization import fuse
 
-    from bench_inference import MODELS, RECIPES, at_alpha1, randomise_bn
+    from bench_inference import MODELS, RECIPES, at_alpha1
 
     build, side = MODELS[name]
     torch.manual_seed(seed)
-    model = randomise_bn(build(), seed).eval()
+    model = randomize_bn(build(), seed).eval()
     x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(seed + 1))
     res: dict[str, Any] = {"model": name, "input_shape": list(x.shape), "params": fxexpand.count_parameters(model),
                            "graph_nodes": len(fxexpand.trace(model).graph.nodes), "stages": {}, "recipes": {}}

@@ -52,7 +52,7 @@ def measure(n: int, dynamo_max: int, tmp: Path) -> dict[str, float]:
     import onnxruntime as ort
 
     x = torch.randn(1, bs.C, bs.SIDE, bs.SIDE, generator=torch.Generator().manual_seed(1))
-    chain = bs._randomise_bn(bs._scale_init(bs.ConvBNReLUChain(n)), n).eval()
+    chain = randomize_bn(bs._scale_init(bs.ConvBNReLUChain(n)), n).eval()
     deployed = fxexpand.contract(chain, (x,), target="deploy", verify=False)
     plain = nn.Sequential(*[m for m in deployed.modules() if isinstance(m, (nn.Conv2d, nn.ReLU))]).eval()
     with torch.no_grad():

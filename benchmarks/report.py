@@ -282,7 +282,7 @@ def plots(doc: dict, out_dir: Path, name: str) -> list[Path]:
                 ax.plot(*zip(*pts), marker="o", label=f"{st} ({sl:.2f})" if sl is not None else st)
         before = _load(BEFORE_FIX)
         if before:
-            for st in ("contract_noverify", "pass:FuseLinearPass"):
+            for st in ("contract_noverify", "pass:FuseLinear"):
                 pts = [(r["n"], r["stages"][st]["median_s"]) for r in before["rows"] if "median_s" in r["stages"].get(st, {})]
                 if pts:
                     ax.plot(*zip(*pts), ls="--", marker="x", color="gray",

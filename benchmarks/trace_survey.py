@@ -150,7 +150,7 @@ def float32_noise(model: torch.nn.Module, x: torch.Tensor, trials: int = 3) -> f
     max|f32(model)(x) - f64(model)(x)| / max|f64 output|."""
     import copy
 
-    from fxexpand.verify import flatten_outputs
+    from fxexpand.core import flatten_outputs
 
     gen = torch.Generator().manual_seed(0 + 1_000_003)  # the inputs fxexpand.verify(seed=0) uses
     inputs = [x] + [torch.randn(x.shape, generator=gen, dtype=x.dtype) for _ in range(trials - 1)]

@@ -2,41 +2,49 @@
 
 Entry points: :func:`trace`, :func:`compile`, :func:`contract`, :func:`verify`, :func:`export_onnx`,
 :func:`benchmark_onnx`, :func:`save` / :func:`load`; Network Expansion with :class:`GrowthPlan` and
-:class:`EMA`. Passes live in :mod:`fxexpand.passes`.
+:class:`EMA`. The engine is :mod:`fxexpand.core`, the rewrites live in :mod:`fxexpand.passes`, and
+:mod:`fxexpand.pipelines` composes them (docs/architecture.md).
 """
 
+from . import passes, pipelines, recipes
 from .api import ContractReport, compile, contract
 from .bench import LatencyStats, benchmark_onnx, compare_onnx
-from .cost import count_flops, count_parameters
-from .errors import (
+from .core import (
     ContractionError,
+    DecayActivation,
     EquivalenceError,
+    ExpandedRegion,
     ExportError,
     FxExpandError,
     InputError,
     LoadError,
+    Note,
+    Pass,
     PassError,
+    PassManager,
+    PassResult,
     PostconditionError,
     PreconditionError,
     TraceError,
+    VerifyReport,
+    build_pass,
+    get_pass,
+    register_pass,
+    registered_passes,
+    trace,
+    verify,
 )
 from .ema import EMA
 from .export import export_onnx
 from .growth import GrowthPlan, Stage, find_chains, rebuild_optimizer
-from .infra import Note, Pass, PassManager, PassResult, build_pass, get_pass, register_pass, registered_passes
 from .io import build_model, load, register_factory, save
-from .modules import DecayActivation
-from .provenance import ExpandedRegion
-from . import recipes
 from .report import expansion_report, report_table
 from .schedule import LinearDecay, get_decay, set_decay
-from .trace import trace
-from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "recipes", "GrowthPlan", "Stage", "EMA", "find_chains", "rebuild_optimizer", "expansion_report", "report_table", "LinearDecay", "set_decay", "get_decay",
+    "passes", "pipelines", "recipes", "GrowthPlan", "Stage", "EMA", "find_chains", "rebuild_optimizer", "expansion_report", "report_table", "LinearDecay", "set_decay", "get_decay",
     "trace", "compile", "contract", "verify", "export_onnx", "benchmark_onnx", "compare_onnx",
     "save", "load", "build_model", "register_factory", "count_flops", "count_parameters",
     "Pass", "PassResult", "PassManager", "Note", "register_pass", "registered_passes", "get_pass", "build_pass",

@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import sys
 
+from onnxruntime.capi import _pybind_state
+
+from .bench import _alternate
+from .core import FxExpandError
+
 
 def main() -> int:
     job = json.loads(sys.stdin.read())
-    from onnxruntime.capi import _pybind_state
 
     _pybind_state.set_global_thread_pool_sizes(int(job["threads"]), 1)  # intra-op, inter-op
-    from .bench import _alternate
-    from .errors import FxExpandError
 
     try:
         times = _alternate(job["paths"], job["threads"], job["warmup"], job["runs"], job["input_shapes"],

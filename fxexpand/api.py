@@ -3,23 +3,46 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
-import weakref
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import FxExpandError, InputError
-from .infra import Note, Pass, PassManager, build_pass
-from .trace import trace
-from .verify import VerifyReport, _as_tuple, verify
+from . import pipelines
+from .core import (
+    BN_MODULES,
+    CONV_TYPES,
+    ContractionError,
+    DecayActivation,
+    ExpandedRegion,
+    InputError,
+    ModuleRenames,
+    Note,
+    ParameterOrigins,
+    Pass,
+    PassManager,
+    Recipe,
+    VerifyReport,
+    as_inputs,
+    build_pass,
+    find_regions,
+    get_record,
+    keep_attr,
+    nonfinite_tensors,
+    persistent_records,
+    propagate_shapes,
+    set_record,
+    trace,
+)
+from .core import verify as verify_models
 
-__all__ = ["compile", "contract", "ContractReport", "propagate_shapes"]
+__all__ = ["compile", "contract", "ContractReport"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,32 +78,6 @@ class ContractReport:
         return "\n".join(lines)
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
-    """Record output shapes on every node (``node.meta['tensor_meta']``) with ShapeProp, in eval mode.
-
-    The modules' training flags are restored afterwards, and no running statistic changes.
-    """
-    inputs = _as_tuple(example_inputs)
-    flags = {m: m.training for m in gm.modules()}
-    gm.eval()
-    try:
-        with torch.no_grad():
-            gm(*inputs)  # a plain run first: a clean error message for inputs that do not fit
-            ShapeProp(gm).propagate(*inputs)
-    except FxExpandError:
-        raise
-    except Exception as e:
-        shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-                           for t in inputs)
-        raise InputError(
-            f"the model failed on example inputs of shape/dtype ({shapes}): {type(e).__name__}: {e}. "
-            "Pass example inputs (or --input-shape) that the model accepts."
-        ) from e
-    finally:
-        for m, f in flags.items():
-            m.training = f
-
-
 def compile(  # noqa: A001 - mirrors torch.compile's name on purpose
     model: nn.Module,
     passes: Sequence[Pass | str],
@@ -103,9 +100,9 @@ def compile(  # noqa: A001 - mirrors torch.compile's name on purpose
     training = model.training
     work = copy.deepcopy(model)
     gm = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    # records kept on a GraphModule input (e.g. GrowthPlan's growth record) carry over
-    for name, value in (getattr(work, "meta", None) or {}).get("_user_preserved_attributes", {}).items():
-        keep_attr(gm, name, value)
+    # typed records of the input (GrowthPlan's growth record, the model's factory) carry over
+    for record in persistent_records(work):
+        set_record(gm, record)
     if example_inputs is not None:
         propagate_shapes(gm, example_inputs)
     pm = PassManager(passes=pass_objs, verify_each=verify_each, example_inputs=example_inputs)
@@ -113,23 +110,25 @@ def compile(  # noqa: A001 - mirrors torch.compile's name on purpose
     out = result.graph_module
     out.recompile()
     out.train(training)
-    _record_origin(model, out)
+    renames = [r for r in result.records if isinstance(r, ModuleRenames)]
+    set_record(out, _origins(model, out, renames))
     keep_attr(out, "fxexpand_notes", list(getattr(model, "fxexpand_notes", [])) + list(result.notes))
-    keep_attr(out, "_fxexpand_factory", getattr(model, "_fxexpand_factory", None))
     # state_dict metadata: models such as MNASNet read the root's version when loading
     keep_attr(out, "_version", getattr(model, "_version", 1))
-    keep_attr(out, "_fxexpand_recipe",
-              list(getattr(model, "_fxexpand_recipe", [])) + [_pass_spec(p) for p in pass_objs])
+    before = get_record(model, Recipe)
+    set_record(out, Recipe(list(before.passes if before else []) + [_pass_spec(p) for p in pass_objs]))
     return out
 
 
-def _record_origin(model: nn.Module, out: fx.GraphModule) -> None:
-    """Remember, for every parameter and buffer of ``out``, the tensor of ``model`` it continues
-    (``out._fxexpand_origin[name] = (old name, weakref)``), following renames recorded by passes in
-    ``meta["fxexpand_renames"]`` ({new module name: old name, or None for a new module}). Used by
-    :func:`fxexpand.rebuild_optimizer` and :class:`fxexpand.EMA` after growth."""
-    renames = out.meta.pop("fxexpand_renames", None) or {}
-    copied = out.meta.pop("fxexpand_copied_from", None) or {}
+def _origins(model: nn.Module, out: fx.GraphModule, renames: list[ModuleRenames]) -> ParameterOrigins:
+    """For every parameter and buffer of ``out``, the tensor of ``model`` it continues, following the
+    :class:`ModuleRenames` records the passes returned ({new module name: old name, or None for a new
+    module}). Used by :func:`fxexpand.rebuild_optimizer` and :class:`fxexpand.EMA` after growth."""
+    renames_map: dict[str, str | None] = {}
+    copied: dict[str, str] = {}
+    for r in renames:
+        renames_map.update(r.renames)
+        copied.update(r.copied_from)
     old = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
 
     def old_name(name: str, table: dict) -> tuple[bool, str | None]:
@@ -143,30 +142,17 @@ def _record_origin(model: nn.Module, out: fx.GraphModule) -> None:
 
     origin, copied_from = {}, {}
     for name, t in itertools.chain(out.named_parameters(), out.named_buffers()):
-        _, src = old_name(name, renames)
+        _, src = old_name(name, renames_map)
         if src is not None and src in old:
             origin[name] = (src, weakref.ref(old[src]))
         hit, c = old_name(name, copied)
         if hit and c is not None:
             copied_from[name] = c
-    out._fxexpand_origin = origin
-    out._fxexpand_copied_from = copied_from
-
-
-def keep_attr(gm: fx.GraphModule, name: str, value: Any) -> None:
-    """Set an attribute on a GraphModule that survives ``copy.deepcopy`` and pickling.
-
-    (``GraphModule.__deepcopy__`` rebuilds the module and keeps only attributes registered in
-    ``meta["_user_preserved_attributes"]``.)
-    """
-    setattr(gm, name, value)
-    gm.meta.setdefault("_user_preserved_attributes", {})[name] = value
+    return ParameterOrigins(origin, copied_from)
 
 
 def _pass_spec(p: Pass) -> tuple[str, dict] | None:
     """(registered name, plain keyword arguments) of a pass, or None if it cannot be recorded."""
-    import dataclasses
-
     name = getattr(type(p), "registered_name", "")
     if not name or not dataclasses.is_dataclass(p):
         return None
@@ -232,7 +218,7 @@ def contract(
         raise ValueError(f"target must be 'original' or 'deploy', got {target!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"contract expects an nn.Module, got {type(model).__name__}")
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     _refuse_undecayed(model)
     _refuse_nonfinite(model)
     opts = dict(target=target, leaf_modules=tuple(leaf_modules), concrete_args=concrete_args,
@@ -247,56 +233,36 @@ def contract(
             inputs64 = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                              for t in inputs)
             out64, _ = _contract_once(copy.deepcopy(model).double(), inputs64, **opts)
-        report.verification = _verify(model, out, inputs, rtol=rtol, atol=atol, trials=trials, candidate64=out64)
+        report.verification = verify_models(model, out, inputs, rtol=rtol, atol=atol, trials=trials,
+                                            candidate64=out64)
     keep_attr(out, "fxexpand_report", report)
     keep_attr(out, "_version", getattr(model, "_version", 1))
     logger.info("contract: %s", report.summary())
     return out
 
 
-_verify = verify
-
 
 def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, concrete_args, extra_passes,
                    verify_each, rtol, atol) -> tuple[fx.GraphModule, list[Note]]:
-    from .passes import FoldBatchNormPass, FuseLinearPass, RemoveIdentityPass
-
     work.eval()
     gm = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args, inline_regions=True)
     propagate_shapes(gm, inputs)
-    scope = "expanded" if target == "original" else "all"
-    passes: list[Pass] = [
-        RemoveIdentityPass(scope=scope),
-        FoldBatchNormPass(scope=scope),
-        FuseLinearPass(scope=scope),
-        *[build_pass(p) for p in extra_passes],
-    ]
-    pm = PassManager(passes=passes, fixed_point=True, verify_each=verify_each, example_inputs=inputs,
-                     rtol=rtol, atol=atol)
-    result = pm(gm)
-    out = result.graph_module
-    notes = list(result.notes)
-    if target == "original":
-        from .passes import RestoreOriginalPass
-
-        restore = PassManager(passes=[RestoreOriginalPass()], verify_each=verify_each, example_inputs=inputs,
-                              rtol=rtol, atol=atol)(out)
-        out = restore.graph_module
-        notes += restore.notes
-    out.graph.eliminate_dead_code()
-    out.recompile()
-    out.delete_all_unused_submodules()
-    out.eval()
-    return out, notes + _unknown_layer_notes(out)
+    notes: list[Note] = []
+    for manager in pipelines.contraction(target, extra_passes=tuple(extra_passes), verify_each=verify_each,
+                                         example_inputs=inputs, rtol=rtol, atol=atol):
+        result = manager(gm)
+        gm = result.graph_module
+        notes += result.notes
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    gm.eval()
+    return gm, notes + _unknown_layer_notes(gm)
 
 
 def _unknown_layer_notes(gm: fx.GraphModule) -> list[Note]:
     """A "skipped" note for every layer no pass knows: a module with weights of a type no pass
     rewrites (LayerNorm, PReLU, an RNN, ...) or a module from outside torch.nn kept as a leaf call."""
-    from .graph import BN_MODULES, CONV_TYPES
-    from .modules import DecayActivation
-    from .provenance import ExpandedRegion
-
     rewritten = (*CONV_TYPES.values(), nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                  *BN_MODULES, nn.Identity, nn.modules.dropout._DropoutNd, DecayActivation, ExpandedRegion)
     notes, seen = [], set()
@@ -317,8 +283,6 @@ def _unknown_layer_notes(gm: fx.GraphModule) -> list[Note]:
 
 def _refuse_nonfinite(model: nn.Module) -> None:
     """NaN/Inf weights would make every fold meaningless and hide any error from verification."""
-    from .verify import nonfinite_tensors
-
     bad = nonfinite_tensors(model)
     if bad:
         raise InputError(
@@ -330,9 +294,6 @@ def _refuse_nonfinite(model: nn.Module) -> None:
 
 def _refuse_undecayed(model: nn.Module) -> None:
     """Rule 6: a decaying activation inside an expanded region must be at alpha == 1 exactly."""
-    from .modules import DecayActivation
-    from .provenance import find_regions
-
     regions = find_regions(model)
     bad = []
     for name, m in model.named_modules():
@@ -340,8 +301,6 @@ def _refuse_undecayed(model: nn.Module) -> None:
             if any(name.startswith(r + ".") for r in regions):
                 bad.append(f"{name} (alpha={float(m.alpha):.6g})")
     if bad:
-        from .errors import ContractionError
-
         raise ContractionError(
             f"cannot contract: {len(bad)} decaying activation(s) are not linear yet: {', '.join(bad[:8])}"
             + (" ..." if len(bad) > 8 else "")

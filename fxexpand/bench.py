@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
+import onnxruntime as ort
 
-from .errors import ExportError, InputError
+from .core import ExportError, InputError
 
 __all__ = ["benchmark_onnx", "LatencyStats", "make_session", "random_feeds", "time_session"]
 
@@ -43,7 +47,6 @@ def make_session(path: str | os.PathLike, threads: int = 1, optimization: str = 
     ``onnxruntime.capi._pybind_state.set_global_thread_pool_sizes`` must have sized before the first
     session of the process) instead of a pool of its own; ``threads`` is then not applied per session.
     """
-    import onnxruntime as ort
 
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -171,10 +174,6 @@ def _alternate(paths, threads, warmup, runs, input_shapes, optimization, seed, *
 
 
 def _alternate_in_child(paths, threads, warmup, runs, input_shapes, optimization, seed) -> list[list[float]]:
-    import json
-    import subprocess
-    import sys
-
     job = {"paths": [str(p) for p in paths], "threads": threads, "warmup": warmup, "runs": runs,
            "input_shapes": [list(s) for s in input_shapes] if input_shapes is not None else None,
            "optimization": optimization, "seed": seed}

@@ -10,20 +10,31 @@ gets a one-paragraph error and exit code 2; the output file is only written on s
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
+import re
 import sys
 import tempfile
 import traceback
 from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from . import api, bench, cost, demo, export, io, report, schedule
+from .core import FxExpandError, ModelFactory, get_record
+from .export import check_output_path
+from .io import LoadedModel, build_model, load_file
+from .recipes import RECIPES, get_recipe
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 
 
 def _shape(text: str) -> list[int]:
-    import re
-
     parts = re.split(r"[,x]", text.strip())
     try:
         dims = [int(d) for d in parts]
@@ -69,7 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a fxexpand.save() file to build its model with this factory (repeatable)")
     c.add_argument("--report", action="store_true", help="also print every fusion and skip with its reason")
 
-    from .recipes import RECIPES
 
     e = sub.add_parser(
         "expand",
@@ -121,15 +131,14 @@ def _benchmarks_dir() -> Path | None:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    import importlib.util
-
     bench_dir = _benchmarks_dir()
     if bench_dir is None:
         return _fail("fxexpand bench runs benchmarks/run.py from a source checkout, and no benchmarks/ directory "
                      "was found next to the installed package (a wheel install has none). Clone the repository, "
                      "`pip install -e '.[bench]'` and run `fxexpand bench` (or `python benchmarks/run.py`) there.")
     missing = [m for m in ("matplotlib",) if importlib.util.find_spec(m) is None]
-    if missing:
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    if missing and not wants_help:  # help needs only argparse: it works without the extras
         return _fail(f"fxexpand bench needs the bench extras ({', '.join(missing)} missing): "
                      "pip install -e '.[bench]'")
     spec = importlib.util.spec_from_file_location("fxexpand_bench_run", bench_dir / "run.py")
@@ -139,15 +148,12 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
-    from rich.console import Console
-
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]fxexpand: error:[/] {msg}")
+    # escape(): a message may hold square brackets (pip extras, notes) that rich would read as markup
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]fxexpand: error:[/] {escape(msg)}")
     return code
 
 
 def _load_model(args):
-    from .io import LoadedModel, build_model, load_file
-
     spec = args.model
     if spec.startswith("torchvision:") and not os.path.exists(spec):
         model = build_model(spec)
@@ -156,11 +162,7 @@ def _load_model(args):
 
 
 def cmd_contract(args) -> int:
-    import torch
-    from rich.console import Console
-    from rich.table import Table
 
-    from . import api, bench, cost, export
 
     console = Console(stderr=False, highlight=False)
     out_path = export.check_output_path(args.output)
@@ -215,21 +217,16 @@ def cmd_contract(args) -> int:
     console.print(table)
     if args.report:
         for n in report.notes:
-            console.print(f"  {n}")
-    console.print(f"wrote {out_path}")
+            console.print(f"  {n}", markup=False)
+    console.print(f"wrote {out_path}", markup=False)
     return 0
 
 
 def cmd_expand(args) -> int:
-    import torch
-    from rich.console import Console
 
-    from . import api, io, report, schedule
-    from .recipes import get_recipe
 
     console = Console(highlight=False)
     out = Path(args.output)
-    from .export import check_output_path
 
     check_output_path(out)
     if not 0.0 <= args.alpha <= 1.0:
@@ -241,7 +238,7 @@ def cmd_expand(args) -> int:
         else:
             loaded = io.load_file(spec, allow=args.allow_factory)
         model = loaded.model
-        if getattr(model, "_fxexpand_factory", None) is None:
+        if get_record(model, ModelFactory) is None:
             return _fail(f"{spec} does not record how to rebuild its architecture; expand a torchvision:/fxexpand: "
                          "model or a file written by fxexpand.save()")
         shape = args.input_shape or loaded.input_shape or [1, 3, 224, 224]
@@ -254,26 +251,25 @@ def cmd_expand(args) -> int:
         rep = report.expansion_report(model.eval(), expanded.eval(), (x,))
         status.update(f"saving {out}")
         io.save(expanded, out, input_shape=shape)
-    console.print(report.report_table(rep, title=f"fxexpand expand {loaded.source} --recipe {args.recipe}"))
+    console.print(report.report_table(rep, title=escape(f"fxexpand expand {loaded.source} --recipe {args.recipe}")))
     console.print(f"expanded {len(rep['expanded_layers'])} layers: {', '.join(rep['expanded_layers'][:12])}"
-                  + (" ..." if len(rep["expanded_layers"]) > 12 else ""))
-    console.print(f"{len(rep['not_expanded'])} layers not expanded (see fxexpand.expansion_report for reasons)")
-    console.print(f"wrote {out}")
+                  + (" ..." if len(rep["expanded_layers"]) > 12 else ""), markup=False)
+    console.print(f"{len(rep['not_expanded'])} layers not expanded (see fxexpand.expansion_report for reasons)",
+                  markup=False)
+    console.print(f"wrote {out}", markup=False)
     return 0
 
 
 def cmd_demo(args) -> int:
-    from rich.console import Console
 
-    from .demo import RECIPES, results_table, run_demo
 
     if args.epochs < 1 or args.seeds < 1 or args.batch_size < 1 or args.threads < 1 or args.lr <= 0:
         return _fail("--epochs, --seeds, --batch-size and --threads must be at least 1 and --lr positive")
     console = Console(highlight=False, width=max(Console().width, 150))
-    recipes = tuple(args.recipe) if args.recipe else RECIPES
-    results = run_demo(epochs=args.epochs, seeds=args.seeds, recipes=recipes, batch_size=args.batch_size,
+    recipes = tuple(args.recipe) if args.recipe else demo.RECIPES
+    results = demo.run_demo(epochs=args.epochs, seeds=args.seeds, recipes=recipes, batch_size=args.batch_size,
                        lr=args.lr, threads=args.threads, console=console)
-    console.print(results_table(results, args.epochs, args.seeds))
+    console.print(demo.results_table(results, args.epochs, args.seeds))
     return 0
 
 
@@ -283,7 +279,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "bench" and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
-    from .errors import FxExpandError
 
     try:
         if args.command == "contract":

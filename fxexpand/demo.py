@@ -15,7 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sklearn.datasets import load_digits as _load
+from sklearn.model_selection import train_test_split
 from torch import nn
+
+from . import api, recipes
+from .bench import benchmark_onnx
+from .cost import count_flops, count_parameters
+from .export import export_onnx
+from .train import Trainer
 
 __all__ = ["DigitsNet", "load_digits", "run_demo", "DemoResult"]
 
@@ -52,8 +62,6 @@ class _Block(nn.Module):
 
 def load_digits(test_size: float = 0.25, split_seed: int = 0):
     """scikit-learn's bundled digits (1,797 8x8 images), a fixed stratified split, scaled to [0, 1]."""
-    from sklearn.datasets import load_digits as _load
-    from sklearn.model_selection import train_test_split
 
     data = _load()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -67,8 +75,6 @@ RECIPES = ("vanilla", "netbooster", "expandnets")
 
 
 def _passes(recipe: str):
-    from . import recipes
-
     if recipe == "netbooster":
         return recipes.netbooster(ratio=6, fraction=0.5)
     if recipe == "expandnets":
@@ -96,9 +102,6 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _train_one(recipe: str, seed: int, data, epochs: int, batch_size: int, lr: float, progress=None, task=None):
-    from . import api
-    from .train import Trainer
-
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     base = DigitsNet()
@@ -136,11 +139,6 @@ def _train_one(recipe: str, seed: int, data, epochs: int, batch_size: int, lr: f
 def run_demo(epochs: int = 20, seeds: int = 3, recipes: tuple[str, ...] = RECIPES, batch_size: int = 64,
              lr: float = 0.05, threads: int = 1, console=None) -> list[DemoResult]:
     """Run the demo; returns one :class:`DemoResult` per recipe (and prints progress to ``console``)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .bench import benchmark_onnx
-    from .cost import count_flops, count_parameters
-    from .export import export_onnx
 
     if epochs < 1 or seeds < 1:
         raise ValueError("epochs and seeds must be >= 1")
@@ -176,8 +174,6 @@ def run_demo(epochs: int = 20, seeds: int = 3, recipes: tuple[str, ...] = RECIPE
 
 
 def results_table(results: list[DemoResult], epochs: int, seeds: int):
-    from rich.table import Table
-
     t = Table(title=f"fxexpand demo: digits 8x8, {epochs} epochs, {seeds} seeds (test accuracy mean ± std)")
     for col in ("recipe", "test accuracy", "trained params", "deployed params", "deployed FLOPs",
                 "ORT latency (ms, 1 thr)", "max contraction rel. error f32 / f64", "train time (s)"):

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .errors import InputError
+from .core import InputError, ParameterOrigins, get_record
+from .growth import embed
 
 __all__ = ["EMA"]
 
@@ -74,19 +75,17 @@ class EMA:
     @torch.no_grad()
     def follow(self, model: nn.Module) -> None:
         """Rebuild the average for ``model``, a grown version of the model averaged so far."""
-        from .growth import _embed
-
-        origin = getattr(model, "_fxexpand_origin", None)
-        if origin is None:
+        rec = get_record(model, ParameterOrigins)
+        if rec is None:
             raise InputError(
                 "EMA.update got a model with a different architecture that was not grown by fxexpand.compile(); "
                 "start a new fxexpand.EMA for it")
         old = dict(_named_tensors(self.module))
         new = self._new(model)
         for name, t in _named_tensors(new.module):
-            src = origin.get(name)
+            src = rec.origin.get(name)
             if src is not None and src[0] in old:
-                e = _embed(old[src[0]], t)
+                e = embed(old[src[0]], t)
                 if e is not None:
                     t.copy_(e)
         new.n_averaged.copy_(self.averaged.n_averaged)

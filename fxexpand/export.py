@@ -16,11 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
+import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
-from .errors import ExportError, InputError
-from .verify import flatten_outputs
+from .core import (
+    CONV_TYPES,
+    ExportError,
+    InputError,
+    flatten_outputs,
+    get_attr,
+    node_arg,
+    set_module,
+)
 
 __all__ = ["export_onnx", "check_output_path"]
 
@@ -66,10 +77,6 @@ def explicit_same_padding(model: nn.Module) -> nn.Module:
     number; an asymmetric one (even effective kernel) becomes a zero pad op before an unpadded conv.
     Covers conv modules and, in a GraphModule, ``F.conv1d/2d/3d`` calls.
     """
-    import torch.fx as fx
-    import torch.nn.functional as F
-
-    from .graph import CONV_TYPES, _arg, _get_attr, set_module
 
     for name, mod in list(model.named_modules()):
         if not name or type(mod) not in CONV_TYPES.values() or mod.padding != "same" or mod.padding_mode != "zeros":
@@ -85,20 +92,20 @@ def explicit_same_padding(model: nn.Module) -> nn.Module:
         funcs = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
         changed = False
         for node in list(model.graph.nodes):
-            if node.op != "call_function" or node.target not in funcs or _arg(node, 4, "padding", 0) != "same":
+            if node.op != "call_function" or node.target not in funcs or node_arg(node, 4, "padding", 0) != "same":
                 continue
-            weight = _arg(node, 1, "weight")
+            weight = node_arg(node, 1, "weight")
             if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
                 continue
-            w = _get_attr(model, weight.target)
+            w = get_attr(model, weight.target)
             if not isinstance(w, torch.Tensor):
                 continue
             nd = funcs[node.target]
-            dil = _arg(node, 5, "dilation", 1)
+            dil = node_arg(node, 5, "dilation", 1)
             dil = (dil,) * nd if isinstance(dil, int) else tuple(dil) * (nd if len(tuple(dil)) == 1 else 1)
             totals, pads = _same_pads(tuple(w.shape[2:]), dil)
-            inp, bias = _arg(node, 0, "input"), _arg(node, 2, "bias")
-            stride, groups = _arg(node, 3, "stride", 1), _arg(node, 6, "groups", 1)
+            inp, bias = node_arg(node, 0, "input"), node_arg(node, 2, "bias")
+            stride, groups = node_arg(node, 3, "stride", 1), node_arg(node, 6, "groups", 1)
             if all(t % 2 == 0 for t in totals):
                 padding = tuple(t // 2 for t in totals)
             else:
@@ -149,8 +156,6 @@ def export_onnx(
     Raises:
         ExportError: unwritable path, export failure, checker failure or an output mismatch.
     """
-    import onnx
-    import onnxruntime as ort
 
     dest = check_output_path(path)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)

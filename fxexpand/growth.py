@@ -36,10 +36,27 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import InputError
-from .graph import get_module
+from . import pipelines
+from .api import compile
+from .core import (
+    ChainRecord,
+    GrowthRecord,
+    InputError,
+    ParameterOrigins,
+    analyse,
+    as_inputs,
+    get_module,
+    get_record,
+    keep_attr,
+    propagate_shapes,
+    resize,
+    set_record,
+    spread,
+    trace,
+    trace_with_calls,
+)
 
-__all__ = ["Chain", "find_chains", "GrowthPlan", "Stage", "rebuild_optimizer", "spread"]
+__all__ = ["Chain", "find_chains", "GrowthPlan", "Stage", "rebuild_optimizer", "embed"]
 
 
 @dataclass(frozen=True)
@@ -52,10 +69,6 @@ class Chain:
 
     def __len__(self) -> int:
         return len(self.blocks)
-
-
-def _as_tuple(x: Any) -> tuple:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
 def _meta(node: fx.Node) -> tuple | None:
@@ -75,11 +88,8 @@ def find_chains(
 ) -> list[Chain]:
     """Chains of repeated, shape-preserving blocks of ``model`` (see the module docstring), found on
     its torch.fx trace with shapes from ``example_inputs``; ``model`` is not modified."""
-    from .api import propagate_shapes
-    from .trace import trace_with_calls
-
     gm, calls = trace_with_calls(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    propagate_shapes(gm, _as_tuple(example_inputs))
+    propagate_shapes(gm, as_inputs(example_inputs))
     nodes = list(gm.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     per_module = Counter(c[0] for c in calls)
@@ -152,15 +162,6 @@ def _chain_id(model: nn.Module, names: tuple[str, ...]) -> str:
     return names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
 
 
-def spread(n: int, m: int) -> list[int]:
-    """``m`` evenly spaced indices out of ``n`` (first and last included when ``m`` ≥ 2)."""
-    if not 1 <= m <= n:
-        raise ValueError(f"cannot pick {m} of {n}")
-    if m == 1:
-        return [0]
-    return [math.floor(i * (n - 1) / (m - 1) + 0.5) for i in range(m)]
-
-
 def _round(x: float) -> int:
     return math.floor(x + 0.5)
 
@@ -198,22 +199,18 @@ class Stage:
 
     def passes(self, ema_model: nn.Module | None = None) -> list:
         """The passes that grow a model at the end of this stage (empty at the last stage)."""
-        from .passes import GrowWidth, InsertEMABlocks
-
         if self.plan.mode == "depth":
             if not any(self.new_blocks.values()):
                 return []
             if ema_model is None:
                 raise InputError("depth growth copies blocks from the EMA model: pass ema.module")
-            return [InsertEMABlocks(ema_model=ema_model, count=dict(self.new_blocks))]
+            return pipelines.depth_growth(ema_model, self.new_blocks)
         if self.grow_to is None:
             return []
-        return [GrowWidth(to=self.grow_to, init=self.plan.init, seed=self.plan.seed + self.index + 1)]
+        return pipelines.width_growth(self.grow_to, init=self.plan.init, seed=self.plan.seed + self.index + 1)
 
     def grow(self, model: nn.Module, ema: Any = None) -> nn.Module:
         """``fxexpand.compile(model, self.passes(ema))``; ``ema`` is an :class:`fxexpand.EMA` or a module."""
-        from .api import compile
-
         ema_model = getattr(ema, "module", ema)
         return compile(model, self.passes(ema_model))
 
@@ -276,7 +273,7 @@ class GrowthPlan:
         self.seed = seed
         self.leaf_modules = tuple(leaf_modules)
         self.concrete_args = concrete_args
-        self.example_inputs = _as_tuple(example_inputs) if example_inputs is not None else _default_inputs(full_model)
+        self.example_inputs = as_inputs(example_inputs) if example_inputs is not None else _default_inputs(full_model)
         self.alphas = [self.alpha0 + (1 - self.alpha0) * i / (stages - 1) if stages > 1 else 1.0
                        for i in range(stages)]
         if self.mode == "depth":
@@ -293,8 +290,6 @@ class GrowthPlan:
             self.chains = []
             self.counts = {}
             gm = self._trace(copy.deepcopy(full_model))
-            from .passes._channels import analyse
-
             an = analyse(gm)
             self.groups = {g: an.group_size(g) for g in an.free_groups()}
             self.depthwise = sorted(la.name for la in an.layers if la.kind == "dw")
@@ -304,9 +299,6 @@ class GrowthPlan:
                                  f"(frozen: {self.frozen})")
 
     def _trace(self, model: nn.Module, leaf_names: Sequence[str] = ()) -> fx.GraphModule:
-        from .api import propagate_shapes
-        from .trace import trace
-
         gm = trace(model, leaf_modules=self.leaf_modules + tuple(leaf_names), concrete_args=self.concrete_args)
         propagate_shapes(gm, self.example_inputs)
         return gm
@@ -342,8 +334,6 @@ class GrowthPlan:
     def initial_model(self) -> fx.GraphModule:
         """The shallow (depth) or thin (width) start model, a trainable GraphModule whose parameter
         names are the full model's (a subset, or the same names with fewer channels)."""
-        from .api import keep_attr
-
         full = copy.deepcopy(self.full_model)
         if self.mode == "depth":
             members = [b for c in self.chains if c.id in self.counts for b in c.blocks]
@@ -360,23 +350,20 @@ class GrowthPlan:
                     node.replace_all_uses_with(node.args[0])
                     gm.graph.erase_node(node)
                     gm.delete_submodule(name)
-                info_chains[c.id] = {"cls": c.cls, "slots": list(c.blocks),
-                                     "members": [c.blocks[j] for j in keep]}
-            info = {"mode": "depth", "chains": info_chains}
+                info_chains[c.id] = ChainRecord(c.cls, list(c.blocks), [c.blocks[j] for j in keep])
+            info = GrowthRecord("depth", chains=info_chains)
         else:
-            from .passes._channels import analyse, resize
-
             gm = self._trace(full)
             an = analyse(gm)
             resize(gm, an, {g: max(1, math.floor(self.alpha0 * n)) for g, n in self.groups.items()},
                    init=self.init, seed=self.seed)
-            info = {"mode": "width", "groups": dict(self.groups), "depthwise": list(self.depthwise)}
-        info["inputs"] = [[list(t.shape), str(t.dtype).replace("torch.", "")] for t in self.example_inputs
-                          if isinstance(t, torch.Tensor)]
+            info = GrowthRecord("width", groups=dict(self.groups), depthwise=list(self.depthwise))
+        info.inputs = [(list(t.shape), str(t.dtype).replace("torch.", "")) for t in self.example_inputs
+                       if isinstance(t, torch.Tensor)]
         gm.graph.lint()
         gm.recompile()
         gm.train(self.full_model.training)
-        keep_attr(gm, "_fxexpand_growth", info)
+        set_record(gm, info)
         keep_attr(gm, "_version", getattr(self.full_model, "_version", 1))
         return gm
 
@@ -387,7 +374,7 @@ class GrowthPlan:
                 f"{[round(a, 3) for a in self.alphas]}, {what})")
 
 
-def _embed(old: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+def embed(old: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
     """``old`` placed in the leading corner of a zero tensor shaped like ``like`` (None if it cannot)."""
     if old.shape == like.shape:
         return old.detach().clone().to(like.device)
@@ -409,11 +396,11 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> tor
     parameters (inserted blocks) join the group of the parameter they were copied from, else the
     first group, with empty state.
     """
-    origin = getattr(model, "_fxexpand_origin", None)
-    if origin is None:
+    rec = get_record(model, ParameterOrigins)
+    if rec is None:
         raise InputError("rebuild_optimizer needs the model returned by fxexpand.compile() "
                          "(it records where each parameter came from)")
-    copied_from = getattr(model, "_fxexpand_copied_from", {})
+    origin, copied_from = rec.origin, rec.copied_from
     new_of: dict[int, torch.Tensor] = {}
     new_params = dict(model.named_parameters())
     for name, p in new_params.items():
@@ -442,7 +429,7 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> tor
                 moved = {}
                 for k, v in st.items():
                     if isinstance(v, torch.Tensor) and v.dim() > 0:
-                        e = _embed(v, q)
+                        e = embed(v, q)
                         if e is None:
                             moved = None
                             break

@@ -33,9 +33,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+import torchvision.models as tvm
 from torch import nn
 
-from .errors import LoadError
+from . import models as _models
+from .api import compile as _compile
+from .core import (
+    LoadError,
+    ModelFactory,
+    Recipe,
+    get_record,
+    registered_passes,
+    set_record,
+)
 
 __all__ = ["save", "load", "load_file", "register_factory", "build_model", "allowed_factories", "LoadedModel"]
 
@@ -57,8 +67,6 @@ def allowed_factories() -> list[str]:
 
 
 def _torchvision_builder(name: str) -> Callable[..., nn.Module] | None:
-    import torchvision.models as tvm
-
     try:
         return tvm.get_model_builder(name)
     except Exception:
@@ -72,7 +80,6 @@ def _resolve(name: str, allow: Iterable[str]) -> Callable[..., nn.Module]:
         return _FACTORIES[name]
     pkg, fn = name.split(":")
     if pkg == "fxexpand":
-        from . import models as _models
 
         obj = getattr(_models, fn, None)
         if fn not in _models.__all__ or obj is None:
@@ -107,7 +114,7 @@ def build_model(spec: str, *, allow: Iterable[str] = (), **kwargs: Any) -> nn.Mo
         raise LoadError(f"model factory {spec} failed with arguments {kwargs}: {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
         raise LoadError(f"model factory {spec} returned {type(model).__name__}, not an nn.Module")
-    model._fxexpand_factory = (spec, dict(kwargs))
+    set_record(model, ModelFactory(spec, dict(kwargs)))
     return model
 
 
@@ -126,14 +133,15 @@ def save(
     (numbers, strings, lists, dicts). The file is written atomically.
     """
     if factory is None:
-        spec = getattr(model, "_fxexpand_factory", None)
-        if spec is None:
+        made_by = get_record(model, ModelFactory)
+        if made_by is None:
             raise ValueError("save() needs factory='package:function' (how to rebuild the architecture)")
-        factory, kw = spec
-        factory_kwargs = factory_kwargs if factory_kwargs is not None else kw
+        factory = made_by.spec
+        factory_kwargs = factory_kwargs if factory_kwargs is not None else made_by.kwargs
     if not _NAME_RE.match(factory):
         raise ValueError(f"factory names look like 'package:function', got {factory!r}")
-    recipe = list(getattr(model, "_fxexpand_recipe", None) or [])
+    made_with = get_record(model, Recipe)
+    recipe = list(made_with.passes) if made_with is not None else []
     if any(r is None for r in recipe):
         raise ValueError(
             "this expanded model was made with a pass whose arguments cannot be recorded as plain values "
@@ -256,8 +264,6 @@ def _from_payload(p: Path, obj: dict, allow: Iterable[str]) -> LoadedModel:
 
 def _rebuild_expanded(p: Path, model: nn.Module, recipe: Any) -> nn.Module:
     """Re-run the recorded passes (registered passes only, plain keyword arguments)."""
-    from .api import compile as _compile
-    from .infra import registered_passes
 
     reg = registered_passes()
     passes = []

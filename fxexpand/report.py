@@ -6,9 +6,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from rich.table import Table
 from torch import nn
 
+from .api import contract
+from .core import as_inputs
 from .cost import count_flops, count_parameters
+from .schedule import decay_modules, set_decay
 
 __all__ = ["expansion_report", "report_table"]
 
@@ -20,10 +24,8 @@ def expansion_report(original: nn.Module, expanded: nn.Module, example_inputs: A
     Without ``contracted``, a copy of ``expanded`` is set to alpha = 1 and contracted (target
     "original") to measure it; neither argument is modified.
     """
-    from .api import _as_tuple, contract
-    from .schedule import decay_modules, set_decay
 
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     if contracted is None:
         work = copy.deepcopy(expanded).eval()
         if decay_modules(work):
@@ -41,7 +43,6 @@ def expansion_report(original: nn.Module, expanded: nn.Module, example_inputs: A
 
 def report_table(rep: dict, title: str = "fxexpand expansion"):
     """A rich Table of :func:`expansion_report`'s numbers."""
-    from rich.table import Table
 
     t = Table(title=title)
     t.add_column("model")

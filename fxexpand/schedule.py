@@ -1,8 +1,13 @@
-"""Decay schedules for :class:`~fxexpand.modules.DecayActivation` (NetBooster's PLT).
+"""Decay schedules for :class:`~fxexpand.core.DecayActivation` (NetBooster's PLT).
 
 alpha is a function of an integer *global step* that is stored in every DecayActivation's
 ``decay_step`` buffer. So every process of a distributed run that takes the same number of steps
 computes the same alpha, and a run resumed from a ``state_dict`` continues from the saved step.
+
+A model without decaying activations (a linear-only recipe such as ExpandNets) is accepted: there
+is nothing to decay, :func:`set_decay` sets 0 activations and :class:`LinearDecay` only counts steps,
+so one training loop serves every recipe. :func:`fxexpand.contract` still refuses a region that is
+not linear.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .modules import DecayActivation
+from .core import DecayActivation
 
 __all__ = ["LinearDecay", "set_decay", "get_decay", "decay_modules"]
 
@@ -20,16 +25,16 @@ def decay_modules(model: nn.Module) -> dict[str, DecayActivation]:
     return {n: m for n, m in model.named_modules() if isinstance(m, DecayActivation)}
 
 
-def set_decay(model: nn.Module, alpha: float) -> None:
-    """Set every decaying activation's alpha (0 = original activation, 1 = identity)."""
+def set_decay(model: nn.Module, alpha: float) -> int:
+    """Set every decaying activation's alpha (0 = original activation, 1 = identity); returns how
+    many activations were set (0 for a model without any, e.g. one a linear-only recipe expanded)."""
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     mods = decay_modules(model)
-    if not mods:
-        raise ValueError("the model has no DecayActivation modules (run the DecayActivations pass first)")
     with torch.no_grad():
         for m in mods.values():
             m.alpha.fill_(float(alpha))
+    return len(mods)
 
 
 def get_decay(model: nn.Module) -> float:
@@ -48,7 +53,8 @@ class LinearDecay:
 
     ``alpha(step) = clamp((step − start_step) / total_steps, 0, 1)`` with ``step`` the global step,
     kept in the model's ``decay_step`` buffers. Call :meth:`step` once per optimizer step
-    (or ``step(global_step)`` to jump to a given step).
+    (or ``step(global_step)`` to jump to a given step). On a model without decaying activations the
+    schedule only counts steps (``alpha`` is 1: the model is already linear where it matters).
     """
 
     def __init__(self, model: nn.Module, total_steps: int, start_step: int = 0):
@@ -57,20 +63,21 @@ class LinearDecay:
         if start_step < 0:
             raise ValueError("start_step must be >= 0")
         self.modules = list(decay_modules(model).values())
-        if not self.modules:
-            raise ValueError("the model has no DecayActivation modules (run the DecayActivations pass first)")
         self.total_steps, self.start_step = int(total_steps), int(start_step)
-        steps = {int(m.decay_step) for m in self.modules}
+        steps = {int(m.decay_step) for m in self.modules} or {0}
         if len(steps) != 1:
             raise ValueError(f"decaying activations are at different steps: {sorted(steps)}")
-        self._apply(steps.pop())
+        self._step = steps.pop()
+        self._apply(self._step)
 
     def alpha_at(self, step: int) -> float:
+        if not self.modules:
+            return 1.0
         return min(1.0, max(0.0, (step - self.start_step) / self.total_steps))
 
     @property
     def global_step(self) -> int:
-        return int(self.modules[0].decay_step)
+        return int(self.modules[0].decay_step) if self.modules else self._step
 
     @property
     def alpha(self) -> float:
@@ -81,6 +88,7 @@ class LinearDecay:
         return self.alpha == 1.0
 
     def _apply(self, step: int) -> None:
+        self._step = step
         a = self.alpha_at(step)
         with torch.no_grad():
             for m in self.modules:

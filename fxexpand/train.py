@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from .api import contract
 from .schedule import LinearDecay, decay_modules
 
 __all__ = ["DecaySchedule", "Trainer", "Callback", "lightning_callback", "unwrap", "sync_buffers"]
@@ -43,7 +45,6 @@ def sync_buffers(model: nn.Module, src: int = 0) -> None:
     rank holds running statistics updated with its own batch. Call this once after training (a
     no-op without an initialised process group) so that every rank contracts the same model.
     """
-    import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return
@@ -148,7 +149,6 @@ class Trainer:
 
     def contract(self, example_inputs: Any, **kwargs: Any) -> nn.Module:
         """Contract the trained model (unwrapped from DDP) back to the original architecture."""
-        from .api import contract
 
         return contract(unwrap(self.model).eval(), example_inputs, **kwargs)
 

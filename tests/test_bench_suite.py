@@ -15,8 +15,15 @@ import torch.fx as fx
 from torch import nn
 
 import fxexpand
-from fxexpand.graph import fresh_name, has_module, module_call_count, replace_nodes_with_module
-from fxexpand.provenance import region_of
+from fxexpand.core import (
+    fresh_name,
+    has_module,
+    module_call_count,
+    propagate_shapes,
+    region_of,
+    replace_nodes_with_module,
+    set_traced_regions,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -111,12 +118,11 @@ def test_batchnorm_branch_not_fused_when_shared_or_training():
     t = Train().eval()
     t.bn.train()  # a BN in training mode normalises by batch statistics: not an affine map
     gm = fx.symbolic_trace(t)
-    from fxexpand.api import propagate_shapes
-    from fxexpand.passes import FuseLinearPass
+    from fxexpand.passes import FuseLinear
 
     propagate_shapes(gm, (x,))
     t.bn.train()  # propagate_shapes restores flags; make sure the BN is still training
-    res = FuseLinearPass(scope="all")(gm)
+    res = FuseLinear(scope="all")(gm)
     assert not res.modified
 
 
@@ -147,14 +153,14 @@ def test_region_of_matches_prefix_scan():
     gm = fx.GraphModule(nn.Module(), g)
     for trial in range(300):
         regions = {".".join(rng.choice(words) for _ in range(rng.randint(1, 3))): None for _ in range(rng.randint(1, 6))}
-        gm.meta["fxexpand_regions"] = regions
+        set_traced_regions(gm, regions)
         node = g.placeholder(f"x{trial}")
         node.op = rng.choice(["call_module", "call_function", "get_attr"])
         node.target = ".".join(rng.choice(words) for _ in range(rng.randint(1, 4)))
         node.meta["nn_module_stack"] = {
             f"k{i}": (".".join(rng.choice(words) for _ in range(rng.randint(1, 4))), nn.Module) for i in range(rng.randint(0, 3))}
         assert region_of(gm, node) == _old_region_of(regions, node)
-        gm.meta["fxexpand_regions"] = tuple(regions)  # a plain sequence is accepted as well
+        gm.meta["fxexpand_regions"] = tuple(regions)  # a plain sequence in the cache is accepted as well
         assert region_of(gm, node) == _old_region_of(regions, node)
 
 
@@ -251,7 +257,7 @@ def test_fxexpand_bench_quick(tmp_path):
         assert m0["stages"][k]["median_s"] > 0 and "peak_rss_growth_mib" in m0["stages"][k], k
     r0 = m0["recipes"]["expandnets_ck"]["stages"]
     for k in ("expand", "contract_noverify", "contract_verify", "deploy_noverify", "export",
-              "pass:FuseLinearPass", "expand_pass:LinearExpandPass(CK)"):
+              "pass:FuseLinear", "expand_pass:LinearExpand(CK)"):
         assert r0[k]["median_s"] > 0, k
     md = (out / "quick.md").read_text()
     assert "Compiler cost on the inference models" in md and "fx symbolic_trace + fuse" in md

@@ -10,9 +10,9 @@ from torch import nn
 import fxexpand
 from fxexpand import LoadError
 from fxexpand.cli import main
+from fxexpand.testing import randomize_bn
 
 from . import factories
-from .conftest import randomize_bn
 
 
 def run_cli(*args):

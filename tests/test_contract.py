@@ -9,8 +9,7 @@ from torch import nn
 
 import fxexpand
 from fxexpand import count_flops
-
-from .conftest import assert_bit_identical, randomize_bn, rel_err, snapshot
+from fxexpand.testing import assert_unchanged, randomize_bn, rel_error, snapshot
 
 TV_MODELS = ["mobilenet_v2", "resnet18", "efficientnet_b0", "mnasnet0_5", "shufflenet_v2_x0_5", "regnet_x_400mf"]
 
@@ -45,12 +44,12 @@ def test_round_trip_deploy(name):
     snap = snapshot(model)
     x = torch.randn(*shape)
     small = fxexpand.contract(model, (x,), target="deploy")
-    assert_bit_identical(model, snap)  # the user's model is untouched
+    assert_unchanged(model, snap)  # the user's model is untouched
     rep = small.fxexpand_report
     assert rep.verification.passed
     assert rep.verification.max_rel_error("float64") <= 1e-10
     with torch.no_grad():
-        assert rel_err(model(x), small(x)) <= 1e-4
+        assert rel_error(model(x), small(x)) <= 1e-4
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in small.modules()), "every BN is folded"
     assert count_flops(small, (x,)) <= count_flops(model, (x,))
     # float64 end to end: the algebra itself is exact
@@ -59,7 +58,7 @@ def test_round_trip_deploy(name):
     with torch.no_grad():
         for _ in range(2):
             x64 = torch.randn(*shape, dtype=torch.float64)
-            assert rel_err(m64(x64), s64(x64)) <= 1e-10
+            assert rel_error(m64(x64), s64(x64)) <= 1e-10
 
 
 def test_conv1d_chain_is_fused_when_profitable():
@@ -87,7 +86,7 @@ def test_contract_train_mode_model_and_report_text():
     snap = snapshot(model)
     small = fxexpand.contract(model, (torch.randn(2, 2, 37),), target="deploy")
     assert model.training and not small.training
-    assert_bit_identical(model, snap)
+    assert_unchanged(model, snap)
     text = str(small.fxexpand_report)
     assert "folded" in text and "target=deploy" in text
 

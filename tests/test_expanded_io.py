@@ -7,8 +7,7 @@ import fxexpand
 from fxexpand import LoadError
 from fxexpand.cli import main
 from fxexpand.passes import InsertInvertedResidual
-
-from .conftest import rel_err
+from fxexpand.testing import rel_error
 
 
 def _expanded():
@@ -47,7 +46,7 @@ def test_expanded_file_contracts_on_the_cli(tmp_path, capsys):
     fresh.load_state_dict(small.state_dict())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert rel_err(e.eval()(x), fresh(x)) <= 1e-4
+        assert rel_error(e.eval()(x), fresh(x)) <= 1e-4
 
 
 def test_cli_expand_then_contract(tmp_path, capsys):

@@ -11,8 +11,7 @@ import fxexpand
 from fxexpand import ContractionError, PassError
 from fxexpand.models import SmallNet
 from fxexpand.passes import DecayActivations, InsertInvertedResidual, LinearExpand
-
-from .conftest import assert_bit_identical, randomize_bn, rel_err, snapshot
+from fxexpand.testing import assert_unchanged, randomize_bn, rel_error, snapshot
 
 MODELS = {
     "mobilenet_v2_0.35": lambda: torchvision.models.mobilenet_v2(weights=None, width_mult=0.35),
@@ -57,7 +56,7 @@ def test_expand_train_contract_restores_original(model_name, recipe):
     snap = snapshot(original)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     expanded = fxexpand.compile(original, passes=RECIPES[recipe]())
-    assert_bit_identical(original, snap)  # the input model is never modified
+    assert_unchanged(original, snap)  # the input model is never modified
     n_expanded = sum(n.action == "expanded" for n in expanded.fxexpand_notes)
     assert n_expanded > 0, [str(n) for n in expanded.fxexpand_notes]
     expanded = expanded.double()
@@ -74,7 +73,7 @@ def test_expand_train_contract_restores_original(model_name, recipe):
     with torch.no_grad():
         for _ in range(2):
             xi = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-            assert rel_err(expanded(xi), fresh(xi)) <= 1e-9
+            assert rel_error(expanded(xi), fresh(xi)) <= 1e-9
     assert fxexpand.count_flops(fresh, (x,)) == fxexpand.count_flops(original.double(), (x,))
     assert fxexpand.count_parameters(fresh) == fxexpand.count_parameters(original)
     # float32: contract the same expanded model in float32
@@ -83,7 +82,7 @@ def test_expand_train_contract_restores_original(model_name, recipe):
     fresh32 = MODELS[model_name]().eval()
     fresh32.load_state_dict(s32.state_dict(), strict=True)
     with torch.no_grad():
-        assert rel_err(e32(x.float()), fresh32(x.float())) <= 1e-4
+        assert rel_error(e32(x.float()), fresh32(x.float())) <= 1e-4
 
 
 class ConvNet1d(nn.Module):
@@ -110,7 +109,7 @@ def test_inverted_residual_on_conv1d_with_shortcut(kernel_size):
                                         DecayActivations()])
     region = e.get_submodule("b")
     assert isinstance(region, fxexpand.ExpandedRegion) and region.original_type == "Conv1d"
-    assert isinstance(region.body, fxexpand.modules.Residual)  # 8 -> 8, stride 1: shortcut
+    assert isinstance(region.body, fxexpand.core.Residual)  # 8 -> 8, stride 1: shortcut
     acts = fxexpand.schedule.decay_modules(e)
     assert {m.kind for m in acts.values()} >= {"blend"}  # GELU next to b: blend
     _train_steps(e, x, 4)
@@ -119,7 +118,7 @@ def test_inverted_residual_on_conv1d_with_shortcut(kernel_size):
     fresh = ConvNet1d().double().eval()
     fresh.load_state_dict(small.state_dict())
     with torch.no_grad():
-        assert rel_err(e(x), fresh(x)) <= 1e-9
+        assert rel_error(e(x), fresh(x)) <= 1e-9
     assert any(n.action == "absorbed" for n in small.fxexpand_report.notes)  # bias -> BN running_mean
 
 
@@ -169,7 +168,7 @@ def test_preserve_init_is_exact_and_full_rank(mode, layer, shape, fc_layers):
     e = fxexpand.compile(model, passes=[LinearExpand(mode=mode, ratio=3, init="preserve", fc_layers=fc_layers)])
     body = e.get_submodule("0").body
     with torch.no_grad():
-        assert rel_err(model(x), e(x)) <= 1e-12
+        assert rel_error(model(x), e(x)) <= 1e-12
     for f in body:
         w = f.weight.detach()
         g = getattr(f, "groups", 1)

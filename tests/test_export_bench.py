@@ -7,8 +7,7 @@ from torch import nn
 
 import fxexpand
 from fxexpand import ExportError, InputError
-
-from .conftest import randomize_bn
+from fxexpand.testing import randomize_bn
 
 
 def _model():

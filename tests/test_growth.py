@@ -4,20 +4,25 @@ import copy
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
 import torch.nn.functional as F
 import torchvision
+from hypothesis import HealthCheck, given, settings
 from torch import nn
 from torch.fx import GraphModule as fx_GraphModule
 from torchvision.models.convnext import CNBlockConfig
 
 import fxexpand
 import fxexpand.testing as ft
-from fxexpand.errors import FxExpandError, InputError
+from fxexpand.core import (
+    FxExpandError,
+    GrowthRecord,
+    InputError,
+    ParameterOrigins,
+    get_record,
+)
 from fxexpand.growth import spread
 from fxexpand.passes import GrowWidth, InsertEMABlocks
-
-from .conftest import assert_bit_identical, randomize_bn, rel_err, snapshot
+from fxexpand.testing import assert_unchanged, randomize_bn, rel_error, snapshot
 
 
 def small_vit(layers=12):
@@ -40,7 +45,7 @@ def train_steps(model, x, y, optimizer, ema=None, steps=2):
 
 
 def chain_blocks(model, chain_id):
-    return list(model._fxexpand_growth["chains"][chain_id]["members"])
+    return list(get_record(model, GrowthRecord).chains[chain_id].members)
 
 
 # ------------------------------------------------------------------------------ block discovery
@@ -137,7 +142,7 @@ def test_vit_grows_6_9_12_from_the_ema_and_loads_into_the_full_model():
         ema_before = copy.deepcopy(ema.module)
         model_snap = snapshot(model)
         grown = fxexpand.compile(model, passes=[InsertEMABlocks(ema_model=ema.module, count=stage.new_blocks)])
-        assert_bit_identical(model, model_snap)  # the input model is untouched
+        assert_unchanged(model, model_snap)  # the input model is untouched
         # every inserted block equals the EMA block it was copied from, at insertion
         inserted = set(_inserted_blocks(grown))
         for name, src in _inserted_blocks(grown).items():
@@ -154,7 +159,7 @@ def test_vit_grows_6_9_12_from_the_ema_and_loads_into_the_full_model():
         sizes.append(len(chain_blocks(model, "encoder.layers")))
         train_steps(model, x, y, optimizer, ema)   # a few steps after each growth
     assert sizes == [9, 12, 12]
-    assert_bit_identical(full, full_snap)
+    assert_unchanged(full, full_snap)
     fresh = small_vit()
     fresh.load_state_dict(model.state_dict())       # strict: the full architecture
     fresh.eval(), model.eval()
@@ -165,7 +170,7 @@ def test_vit_grows_6_9_12_from_the_ema_and_loads_into_the_full_model():
 def _inserted_blocks(grown):
     """{inserted block name: EMA block it copies} from the grown model's parameter records."""
     out = {}
-    for pname, src in grown._fxexpand_copied_from.items():
+    for pname, src in get_record(grown, ParameterOrigins).copied_from.items():
         parts, sparts = pname.split("."), src.split(".")
         k = 3  # encoder.layers.encoder_layer_i
         out[".".join(parts[:k])] = ".".join(sparts[:k])
@@ -289,7 +294,7 @@ def test_width_growth_is_orthogonal_function_preserving_and_ends_at_the_full_mod
         grown = fxexpand.compile(model, passes=stage.passes(ema.module))
         grown.eval()
         with torch.no_grad():
-            assert rel_err(out_before, grown(xd)) <= 1e-9  # function-preserving (float64)
+            assert rel_error(out_before, grown(xd)) <= 1e-9  # function-preserving (float64)
         assert _new_filter_cosines(model, grown) <= 1e-5
         # pw (1x1, 16 -> 24) and se2 (1x1, 8 -> 24) have more filters than inputs: some are random
         assert {n.where for n in grown.fxexpand_notes if n.action == "random"} <= {"pw", "se2"}
@@ -321,7 +326,7 @@ def test_width_growth_of_resnet18_and_the_paper_init():
     # the paper's init gives the new channels random incoming weights: the function changes
     model.eval(), grown.eval()
     with torch.no_grad():
-        assert rel_err(model(x), grown(x)) > 1e-4
+        assert rel_error(model(x), grown(x)) > 1e-4
     fresh = torchvision.models.resnet18(weights=None, num_classes=10)
     fresh.load_state_dict(grown.state_dict())
 
@@ -389,7 +394,7 @@ def test_stage_boundaries_and_optimizer_rebuild_keep_the_learning_rate():
     assert opt2 is opt and [g["lr"] for g in opt.param_groups] == [0.05, 0.005]
     n_params = sum(1 for _ in grown.parameters())
     assert sum(len(g["params"]) for g in opt.param_groups) == n_params
-    origin = grown._fxexpand_origin
+    origin = get_record(grown, ParameterOrigins).origin
     for n, p in grown.named_parameters():
         if n in origin:                                  # momentum moved with the (renamed) parameter
             assert torch.equal(opt.state[p]["momentum_buffer"], moved[origin[n][0]])
@@ -424,11 +429,11 @@ def test_width_growth_on_random_models_keeps_the_function_and_ends_at_the_origin
     grown = plan.stage(0).grow(start).eval()
     xd = x.double()
     with torch.no_grad():
-        assert rel_err(start(xd), grown(xd)) <= 1e-9
+        assert rel_error(start(xd), grown(xd)) <= 1e-9
         original, _ = ft.random_model(case.seed)
         original = original.double().eval()
         original.load_state_dict(grown.state_dict())   # strict: the generated architecture
-        assert rel_err(original(xd), grown(xd)) <= 1e-12
+        assert rel_error(original(xd), grown(xd)) <= 1e-12
 
 
 def _with_a_chain(model, x, copies=3):
@@ -469,7 +474,7 @@ def test_depth_growth_on_random_models_ends_at_the_original(case):
                 p.mul_(0.9)                     # the average differs from the model
         model = stage.grow(model, ema).eval()
         ema.update(model)
-    assert [len(c["members"]) for c in model._fxexpand_growth["chains"].values()] == [3]
+    assert [len(c.members) for c in get_record(model, GrowthRecord).chains.values()] == [3]
     original.load_state_dict(model.state_dict())   # strict
     with torch.no_grad():
         assert torch.equal(original.eval()(x), model(x))

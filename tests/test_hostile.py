@@ -15,9 +15,9 @@ from torch import nn
 import fxexpand
 from fxexpand import EquivalenceError, InputError, LoadError
 from fxexpand.cli import main
+from fxexpand.testing import randomize_bn
 
 from . import factories
-from .conftest import randomize_bn
 
 
 def run_cli(*args):
@@ -205,7 +205,7 @@ def test_bad_input_shape_recorded_in_file(tmp_path):
 # -- fuzzing: mutated model files only ever raise fxexpand's errors ----------------------------------
 def test_fuzz_short_run(tmp_path):
     """A short run of `python -m fxexpand.testing fuzz` (the 10,000-iteration run is in docs/testing.md)."""
-    from fxexpand.testing._fuzz import fuzz
+    from fxexpand.testing import fuzz
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -219,7 +219,7 @@ def test_fuzz_short_run(tmp_path):
 
 
 def test_fuzz_mutations_are_reproducible():
-    from fxexpand.testing._fuzz import mutate
+    from fxexpand.testing import mutate
 
     data = bytes(range(256)) * 4
     a = [mutate(data, random.Random(i)) for i in range(20)]
@@ -230,7 +230,7 @@ def test_fuzz_mutations_are_reproducible():
 def test_regression_fuzz_seed3_iteration6(tmp_path):
     """Found by `fuzz --seed 3`: iteration 6 replaced the recipe of expanded.pt with an empty tensor
     and `obj.get("recipe") or []` raised RuntimeError (ambiguous truth value) instead of LoadError."""
-    from fxexpand.testing._fuzz import fuzz_case, make_corpus
+    from fxexpand.testing import fuzz_case, make_corpus
 
     blobs = [(p.name, p.read_bytes()) for p in make_corpus(tmp_path / "corpus")]
     name, data = fuzz_case(blobs, 3, 6)

@@ -94,7 +94,7 @@ def test_check_pass_catches_a_wrong_pass():
 @pytest.mark.parametrize("seed,config", [(16, "netbooster"), (16, "expandnets-cl"), (21, "netbooster-match"),
                                          (25, "expandnets-cl-preserve")])
 def test_regression_dilation_of_kernel_1_dims(seed, config):
-    """RestoreOriginalPass compared dilation along kernel-1 dimensions, where it means nothing, and
+    """RestoreOriginal compared dilation along kernel-1 dimensions, where it means nothing, and
     refused to restore e.g. a 1x1 conv with dilation 2 (ContractionError)."""
     model, inputs = ft.random_model(seed)
     assert ft.check_expansion(model, inputs, config, seed=seed).status == "ok"

@@ -10,7 +10,7 @@ from torch import nn
 
 import fxexpand
 import fxexpand.testing as ft
-from fxexpand.graph import module_call_counts
+from fxexpand.core import module_call_counts
 
 N_COVERAGE = 150
 

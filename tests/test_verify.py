@@ -6,8 +6,7 @@ from torch import nn
 
 import fxexpand
 from fxexpand import EquivalenceError, InputError
-
-from .conftest import randomize_bn
+from fxexpand.testing import randomize_bn
 
 
 class TwoOut(nn.Module):
@@ -94,9 +93,9 @@ def test_verify_does_not_touch_models():
 def test_verify_pass():
     m = randomize_bn(TwoOut()).eval()
     gm = fxexpand.trace(copy.deepcopy(m))
-    res = fxexpand.passes.VerifyPass(reference=m, example_inputs=(torch.randn(1, 3, 5, 5),))(gm)
+    res = fxexpand.passes.Verify(reference=m, example_inputs=(torch.randn(1, 3, 5, 5),))(gm)
     assert res.modified is False and res.notes[0].action == "info"
     with torch.no_grad():
         gm.a.weight.mul_(2)
     with pytest.raises(EquivalenceError):
-        fxexpand.passes.VerifyPass(reference=m, example_inputs=(torch.randn(1, 3, 5, 5),))(gm)
+        fxexpand.passes.Verify(reference=m, example_inputs=(torch.randn(1, 3, 5, 5),))(gm)

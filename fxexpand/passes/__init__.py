@@ -1,38 +1,40 @@
-"""The rewrites, one per module. Importing this package registers them by name.
+"""The rewrites, one per module, each importing only public :mod:`fxexpand.core` names. Importing
+this package registers them by name (``fxexpand.registered_passes()``).
 
-Contraction: :class:`FoldBatchNormPass` (``"fold_batchnorm"``), :class:`FuseLinearPass`
-(``"fuse_linear"``), :class:`RemoveIdentityPass` (``"remove_identity"``),
-:class:`RestoreOriginalPass` (``"restore_original"``) and :class:`~fxexpand.verify.VerifyPass`
-(``"verify"``).
+Contraction: :class:`FoldBatchNorm` (``"fold_batchnorm"``), :class:`FuseLinear` (``"fuse_linear"``),
+:class:`RemoveIdentity` (``"remove_identity"``), :class:`RestoreOriginal` (``"restore_original"``) and
+:class:`Verify` (``"verify"``; needs arguments, so not buildable by name).
 
-Expansion: :class:`InsertInvertedResidualPass` (``"insert_inverted_residual"``, NetBooster),
-:class:`LinearExpandPass` (``"linear_expand"``, ExpandNets) and :class:`DecayActivationsPass`
+Expansion: :class:`InsertInvertedResidual` (``"insert_inverted_residual"``, NetBooster),
+:class:`LinearExpand` (``"linear_expand"``, ExpandNets) and :class:`DecayActivations`
 (``"decay_activations"``).
 
-Growth (Network Expansion): :class:`InsertEMABlocksPass` (``"insert_ema_blocks"``, depth) and
-:class:`GrowWidthPass` (``"grow_width"``, width).
+Growth (Network Expansion): :class:`InsertEMABlocks` (``"insert_ema_blocks"``, depth; needs
+``ema_model``) and :class:`GrowWidth` (``"grow_width"``, width).
+
+Pipelines that compose these passes live in :mod:`fxexpand.pipelines`.
 """
 
-from ..verify import Verify, VerifyPass
-from .decay_activations import DecayActivations, DecayActivationsPass
-from .fold_batchnorm import FoldBatchNorm, FoldBatchNormPass
-from .fuse_linear import FuseLinear, FuseLinearPass
-from .grow_width import GrowWidth, GrowWidthPass
-from .insert_ema_blocks import InsertEMABlocks, InsertEMABlocksPass
-from .insert_inverted_residual import InsertInvertedResidual, InsertInvertedResidualPass
-from .linear_expand import LinearExpand, LinearExpandPass
-from .remove_identity import RemoveIdentity, RemoveIdentityPass
-from .restore_original import RestoreOriginal, RestoreOriginalPass
+from .decay_activations import DecayActivations
+from .fold_batchnorm import FoldBatchNorm
+from .fuse_linear import FuseLinear
+from .grow_width import GrowWidth
+from .insert_ema_blocks import InsertEMABlocks
+from .insert_inverted_residual import InsertInvertedResidual
+from .linear_expand import LinearExpand
+from .remove_identity import RemoveIdentity
+from .restore_original import RestoreOriginal
+from .verify import Verify
 
 __all__ = [
-    "DecayActivations", "DecayActivationsPass",
-    "FoldBatchNorm", "FoldBatchNormPass",
-    "FuseLinear", "FuseLinearPass",
-    "GrowWidth", "GrowWidthPass",
-    "InsertEMABlocks", "InsertEMABlocksPass",
-    "InsertInvertedResidual", "InsertInvertedResidualPass",
-    "LinearExpand", "LinearExpandPass",
-    "RemoveIdentity", "RemoveIdentityPass",
-    "RestoreOriginal", "RestoreOriginalPass",
-    "Verify", "VerifyPass",
+    "DecayActivations",
+    "FoldBatchNorm",
+    "FuseLinear",
+    "GrowWidth",
+    "InsertEMABlocks",
+    "InsertInvertedResidual",
+    "LinearExpand",
+    "RemoveIdentity",
+    "RestoreOriginal",
+    "Verify",
 ]

@@ -1,9 +1,9 @@
-"""DecayActivationsPass: make the activations inside expanded regions decayable.
+"""DecayActivations: make the activations inside expanded regions decayable.
 
 Pattern: an activation module (ReLU, ReLU6, LeakyReLU, GELU, SiLU, Hardswish, ...) inside the body
-of an :class:`~fxexpand.provenance.ExpandedRegion`.
+of an :class:`~fxexpand.core.ExpandedRegion`.
 
-Rewrite: wrap it in :class:`~fxexpand.modules.DecayActivation` with ``alpha = 0`` (a buffer):
+Rewrite: wrap it in :class:`~fxexpand.core.DecayActivation` with ``alpha = 0`` (a buffer):
 
 * ``kind="leaky"`` — NetBooster's ``max(alpha·x, x)`` (ReLU/ReLU6/LeakyReLU only);
 * ``kind="blend"`` — ``alpha·x + (1 − alpha)·act(x)`` for any activation;
@@ -21,26 +21,33 @@ from typing import Any, Literal
 import torch.fx as fx
 from torch import nn
 
-from ..graph import set_module
-from ..infra import Pass, PassResult, register_pass
-from ..modules import DecayActivation
-from ..provenance import ExpandedRegion
-from ._select import ACTIVATION_MODULES
+from ..core import (
+    ACTIVATION_MODULES,
+    DecayActivation,
+    ExpandedRegion,
+    Pass,
+    PassError,
+    PassResult,
+    register_pass,
+    set_module,
+)
 
-__all__ = ["DecayActivationsPass", "DecayActivations"]
+__all__ = ["DecayActivations"]
 
 _LEAKY_OK = (nn.ReLU, nn.ReLU6, nn.LeakyReLU)
 
 
 @register_pass("decay_activations")
 @dataclass(kw_only=True)
-class DecayActivationsPass(Pass):
+class DecayActivations(Pass):
     """Wrap activations inside expanded regions in DecayActivation (alpha buffer, starts at 0).
 
     Args:
         targets: "expanded" (every expanded region) or a list of region qualified names.
         kind: "auto", "leaky" or "blend".
     """
+
+    after = ("insert_inverted_residual", "linear_expand")
 
     targets: Any = "expanded"
     kind: Literal["auto", "leaky", "blend"] = "auto"
@@ -61,8 +68,6 @@ class DecayActivationsPass(Pass):
         if self.targets != "expanded":
             missing = [t for t in self.targets if t not in regions]
             if missing:
-                from ..errors import PassError
-
                 raise PassError(f"{self.name}: {missing} are not expanded regions (have: {sorted(regions)})")
             regions = {n: regions[n] for n in self.targets}
         notes = []
@@ -85,5 +90,3 @@ class DecayActivationsPass(Pass):
             notes.append(self.note("info", "-", "no expanded regions: run an expansion pass first"))
         return PassResult(gm, modified, notes)
 
-
-DecayActivations = DecayActivationsPass

@@ -1,4 +1,4 @@
-"""FoldBatchNormPass: fold an inference-mode batch norm into the conv / linear before it.
+"""FoldBatchNorm: fold an inference-mode batch norm into the conv / linear before it.
 
 Pattern: ``bn(conv(x))`` or ``bn(linear(x))``, each op as ``call_module`` or ``call_function``
 (``F.convNd`` / ``F.linear`` / ``F.batch_norm`` with constant parameters), plus
@@ -18,7 +18,6 @@ last dim).
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +25,10 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from ..graph import (
+from ..core import (
     LinearOp,
+    PassResult,
+    ScopedPass,
     attr_use_counts,
     bn_of,
     fresh_name,
@@ -39,34 +40,31 @@ from ..graph import (
     node_input,
     node_label,
     out_shape,
+    register_pass,
     replace_nodes_with_module,
+    shared_use,
 )
-from ..infra import PassResult, register_pass
-from ._scoped import ScopedPass
 
-__all__ = ["FoldBatchNormPass", "FoldBatchNorm"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["FoldBatchNorm"]
 
 _TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 @register_pass("fold_batchnorm")
 @dataclass(kw_only=True)
-class FoldBatchNormPass(ScopedPass):
+class FoldBatchNorm(ScopedPass):
     """Fold eval-mode BatchNorm into the preceding conv / linear / conv-transpose.
 
     Args:
         scope: ``"all"`` folds everywhere; ``"expanded"`` only inside expanded regions.
     """
 
-
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
         notes = []
         modified = False
         # counted once per call: folding only removes uses, so stale counts are conservative
-        self._calls, self._uses = module_call_counts(gm), attr_use_counts(gm)
+        calls, uses = module_call_counts(gm), attr_use_counts(gm)
         live = module_call_counts(gm)  # kept current by replace_nodes_with_module
         for node in list(gm.graph.nodes):
             if node.graph is not gm.graph:
@@ -83,7 +81,7 @@ class FoldBatchNormPass(ScopedPass):
             if not ok:
                 continue
             where = f"{node_label(prev)} <- {node_label(node)}"
-            skip = self._check(gm, prev, node)
+            skip = self._check(gm, prev, node, calls, uses)
             if skip:
                 if skip != "-":
                     notes.append(self.note("skipped", where, skip))
@@ -99,20 +97,17 @@ class FoldBatchNormPass(ScopedPass):
             gm.delete_all_unused_submodules()
         return PassResult(gm, modified, notes)
 
-    def _check(self, gm: fx.GraphModule, prev: fx.Node, bn_node: fx.Node) -> str:
+    @staticmethod
+    def _check(gm: fx.GraphModule, prev: fx.Node, bn_node: fx.Node, calls, uses) -> str:
         is_transpose = prev.op == "call_module" and isinstance(get_module(gm, prev.target), _TRANSPOSE)
         op, reason = (None, "") if is_transpose else linear_op_of(gm, prev)
         if op is None and not is_transpose:
             return reason or "-"  # "-": the BN does not follow a conv/linear; nothing to report
         if len(prev.users) != 1:
             return f"the output of {node_label(prev)} has other users besides the batch norm"
-        if prev.op == "call_module" and self._calls[prev.target] > 1:
-            return f"module {prev.target} is called from {self._calls[prev.target]} places (rule 7)"
-        if prev.op == "call_function":
-            uses = self._uses
-            shared = [a for a in linear_param_names(prev) if uses[a] > 1]
-            if shared:
-                return f"parameters {shared} are shared with other ops"
+        shared = shared_use(prev, calls, uses)
+        if shared:
+            return shared
         if node_input(prev) is None:
             return "the conv's input is not a graph value"
         if op is not None and op.kind == "linear":
@@ -156,5 +151,3 @@ class FoldBatchNormPass(ScopedPass):
         folded = LinearOp(op.kind, w.detach(), b.detach(), op.stride, op.padding, op.dilation, op.groups)
         return folded.to_module(), name
 
-
-FoldBatchNorm = FoldBatchNormPass

@@ -1,4 +1,4 @@
-"""FuseLinearPass: merge linear ops that have nothing non-linear between them.
+"""FuseLinear: merge linear ops that have nothing non-linear between them.
 
 Patterns (every op as ``call_module`` or ``call_function`` with constant parameters):
 
@@ -20,18 +20,20 @@ because it restores the original layer. Shared modules/parameters are never fuse
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch.fx as fx
 
-import torch
-
-from ..graph import (
+from ..core import (
     LinearOp,
+    PassResult,
+    ScopedPass,
     attr_use_counts,
+    bn_as_op,
     bn_of,
+    compose,
     fresh_name,
+    identity_like,
     in_scope,
     is_add,
     linear_op_of,
@@ -40,20 +42,18 @@ from ..graph import (
     node_input,
     node_label,
     out_shape,
+    register_pass,
     replace_nodes_with_module,
+    shared_use,
+    sum_parallel,
 )
-from ..infra import PassResult, register_pass
-from ._scoped import ScopedPass
-from ._algebra import compose, identity_like, sum_parallel
 
-__all__ = ["FuseLinearPass", "FuseLinear"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["FuseLinear"]
 
 
 @register_pass("fuse_linear")
 @dataclass(kw_only=True)
-class FuseLinearPass(ScopedPass):
+class FuseLinear(ScopedPass):
     """Fuse sequential / parallel / identity-residual linear ops exactly.
 
     Args:
@@ -64,16 +64,6 @@ class FuseLinearPass(ScopedPass):
     allow_flop_increase: bool = False
 
     # -- helpers -------------------------------------------------------------------------------
-    def _private(self, gm: fx.GraphModule, node: fx.Node, calls, uses) -> str:
-        """Empty string if ``node``'s parameters belong to this site only; else the reason."""
-        if node.op == "call_module" and calls[node.target] > 1:
-            return f"module {node.target} is called from {calls[node.target]} places (rule 7)"
-        if node.op == "call_function":
-            shared = [a for a in linear_param_names(node) if uses[a] > 1]
-            if shared:
-                return f"parameters {shared} are shared with other ops (rule 7)"
-        return ""
-
     def _profitable(self, region, before: list[tuple[LinearOp, fx.Node]], after: LinearOp, out_node: fx.Node) -> str:
         if region is not None or self.allow_flop_increase:
             return ""
@@ -102,14 +92,14 @@ class FuseLinearPass(ScopedPass):
         # counted once per call: fusions only remove uses, so stale counts are conservative
         # (a site they block is picked up by the next fixed-point round)
         calls, uses = module_call_counts(gm), attr_use_counts(gm)
-        self._live_calls = module_call_counts(gm)  # kept current by replace_nodes_with_module
+        live = module_call_counts(gm)  # kept current by replace_nodes_with_module
         for node in list(gm.graph.nodes):
             if node.graph is not gm.graph or node.op == "output":
                 continue
             if is_add(node):
-                done, note = self._try_add(gm, node, calls, uses)
+                done, note = self._try_add(gm, node, calls, uses, live)
             else:
-                done, note = self._try_sequential(gm, node, calls, uses)
+                done, note = self._try_sequential(gm, node, calls, uses, live)
             if note is not None:
                 notes.append(note)
             modified |= done
@@ -117,7 +107,7 @@ class FuseLinearPass(ScopedPass):
             gm.delete_all_unused_submodules()
         return PassResult(gm, modified, notes)
 
-    def _try_sequential(self, gm, node, calls, uses):
+    def _try_sequential(self, gm, node, calls, uses, live):
         second, _ = linear_op_of(gm, node)
         if second is None:
             return False, None
@@ -133,7 +123,7 @@ class FuseLinearPass(ScopedPass):
         where = f"{node_label(prev)} -> {node_label(node)}"
         if len(prev.users) != 1:
             return False, self.note("skipped", where, f"the output of {node_label(prev)} has other users")
-        reason = self._private(gm, prev, calls, uses) or self._private(gm, node, calls, uses)
+        reason = shared_use(prev, calls, uses) or shared_use(node, calls, uses)
         if not reason and node_input(prev) is None:
             reason = "the chain's input is not a graph value"
         if not reason and first.weight.dtype != second.weight.dtype:
@@ -147,10 +137,10 @@ class FuseLinearPass(ScopedPass):
         if reason:
             return False, self.note("skipped", where, reason)
         replace_nodes_with_module(gm, [prev, node], fused.to_module(), node_input(prev), self._name(node, gm),
-                                  call_counts=self._live_calls)
+                                  call_counts=live)
         return True, self.note("fused", where, "sequential")
 
-    def _try_add(self, gm, node, calls, uses):
+    def _try_add(self, gm, node, calls, uses, live):
         a, b = node.args
         ops = {}
         for n in (a, b):
@@ -169,9 +159,9 @@ class FuseLinearPass(ScopedPass):
         # identity residual: x + A(x)
         for lin, other in ((a, b), (b, a)):
             if lin in ops and node_input(lin) is other:
-                return self._fuse_branches(gm, node, [lin], other, ops, calls, uses, residual=True, shape=shape)
+                return self._fuse_branches(gm, node, [lin], other, ops, calls, uses, live, residual=True, shape=shape)
         if len(ops) == 2 and node_input(a) is not None and node_input(a) is node_input(b) and a is not b:
-            return self._fuse_branches(gm, node, [a, b], node_input(a), ops, calls, uses, residual=False, shape=shape)
+            return self._fuse_branches(gm, node, [a, b], node_input(a), ops, calls, uses, live, residual=False, shape=shape)
         return False, None
 
     @staticmethod
@@ -191,22 +181,9 @@ class FuseLinearPass(ScopedPass):
             return None
         if like.kind == "linear" and len(shape) != 2:
             return None  # BatchNorm1d normalises dim 1, a linear acts on the last dim
-        with torch.no_grad():
-            var = bn.running_var.detach().double()
-            s = torch.rsqrt(var + bn.eps)
-            if bn.weight is not None:
-                s = s * bn.weight.detach().double()
-            shift = -bn.running_mean.detach().double() * s
-            if bn.bias is not None:
-                shift = shift + bn.bias.detach().double()
-        dt = like.weight.dtype
-        if like.kind == "linear":
-            return LinearOp("linear", torch.diag(s).to(dt), shift.to(dt))
-        nd = like.nd
-        return LinearOp("conv", s.reshape(c, 1, *([1] * nd)).to(dt), shift.to(dt), (1,) * nd, (0,) * nd,
-                        (1,) * nd, c)
+        return bn_as_op(bn, like)
 
-    def _fuse_branches(self, gm, node, branches, x, ops, calls, uses, *, residual, shape):
+    def _fuse_branches(self, gm, node, branches, x, ops, calls, uses, live, *, residual, shape):
         ok, region = in_scope(gm, branches + [node], self.scope)
         if not ok:
             return False, None
@@ -215,7 +192,7 @@ class FuseLinearPass(ScopedPass):
         for n in branches:
             if len(n.users) != 1:
                 return False, self.note("skipped", where, f"the output of {node_label(n)} has other users")
-            reason = self._private(gm, n, calls, uses)
+            reason = shared_use(n, calls, uses)
             if reason:
                 return False, self.note("skipped", where, reason)
         if shape is None or any(out_shape(n) != shape for n in branches):
@@ -241,8 +218,6 @@ class FuseLinearPass(ScopedPass):
             return False, self.note("skipped", where, reason)
         name = self._name(branches[0], gm)
         replace_nodes_with_module(gm, list(branches) + [node], fused.to_module(), x, name,
-                                  call_counts=self._live_calls)
+                                  call_counts=live)
         return True, self.note("fused", where, kind)
 
-
-FuseLinear = FuseLinearPass

@@ -1,8 +1,8 @@
-"""GrowWidthPass: Network Expansion's width growth.
+"""GrowWidth: Network Expansion's width growth.
 
 Pattern: a model built by :meth:`fxexpand.GrowthPlan.initial_model` with ``width_factor`` (its
-channel groups and their full widths are recorded; see :mod:`fxexpand.passes._channels` for how
-groups are found with networkx).
+channel groups and their full widths are recorded in its :class:`~fxexpand.core.GrowthRecord`; see
+:mod:`fxexpand.core.channels` for how groups are found with networkx).
 
 Rewrite: every channel group of full width C grows to ``max(current, floor(to·C))`` channels (C at
 ``to=1``). The new output filters of each conv/linear producing the group are orthogonal to its
@@ -10,6 +10,9 @@ existing filters and to each other (random directions in the SVD null space; ran
 space is too small). The new *incoming* weights of consumers for the new channels are zero with
 ``init="preserve"`` — the grown model computes exactly the same function — or random with
 ``init="orthogonal"`` (the paper's choice: the function changes at growth).
+
+Preconditions (``requires``, before any change): the model carries a width growth record whose
+channel groups all exist in the traced graph.
 """
 
 from __future__ import annotations
@@ -18,18 +21,26 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 import torch.fx as fx
 
-from ..errors import PreconditionError
-from ..infra import Pass, PassResult, register_pass
+from ..core import (
+    GrowthRecord,
+    Pass,
+    PassResult,
+    PreconditionError,
+    analyse,
+    get_record,
+    propagate_shapes,
+    register_pass,
+    resize,
+)
 
-__all__ = ["GrowWidthPass", "GrowWidth"]
+__all__ = ["GrowWidth"]
 
 
 @register_pass("grow_width")
 @dataclass(kw_only=True)
-class GrowWidthPass(Pass):
+class GrowWidth(Pass):
     """Grow every recorded channel group of a width-grown model to ``to`` of its full width.
 
     Args:
@@ -49,28 +60,27 @@ class GrowWidthPass(Pass):
         if self.init not in ("preserve", "orthogonal"):
             raise ValueError("init must be 'preserve' or 'orthogonal'")
 
-    def call(self, graph_module: fx.GraphModule) -> PassResult:
-        from ..api import propagate_shapes
-        from ._channels import analyse, resize
-
-        gm = graph_module
-        info = getattr(gm, "_fxexpand_growth", None)
-        if not info or info.get("mode") != "width":
+    @staticmethod
+    def _record(gm: fx.GraphModule) -> GrowthRecord:
+        rec = get_record(gm, GrowthRecord)
+        if rec is None or rec.mode != "width":
             raise PreconditionError(
                 "GrowWidth grows models built by fxexpand.GrowthPlan(..., width_factor=...).initial_model() "
                 "(their channel groups and full widths are recorded); build the start model with it")
+        return rec
+
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        self._record(graph_module)
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        gm = graph_module
+        rec = self._record(gm)
         if any("tensor_meta" not in n.meta for n in gm.graph.nodes if n.op != "output"):
-            # zeros shaped like the recorded example inputs, in the model's floating dtype and device
-            p = next((t for t in gm.parameters() if t.is_floating_point()), None)
-            dtype = p.dtype if p is not None else torch.float32
-            device = p.device if p is not None else None
-            inputs = tuple(torch.zeros(shape, dtype=dtype if not dt.startswith("int") else getattr(torch, dt),
-                                       device=device) for shape, dt in info["inputs"])
-            propagate_shapes(gm, inputs)
-        an = analyse(gm, depthwise=info.get("depthwise", ()))
-        full = info["groups"]
+            propagate_shapes(gm, rec.example_inputs(gm))
+        an = analyse(gm, depthwise=rec.depthwise)
+        full = rec.groups
         missing = sorted(set(full) - set(an.members))
-        if missing:
+        if missing:  # found before anything changes
             raise PreconditionError(f"the model's channel groups do not match its growth record (missing {missing})")
         targets = {}
         for gid, c_full in full.items():
@@ -86,6 +96,3 @@ class GrowWidthPass(Pass):
                                             "the layer has fewer inputs x kernel entries than filters")
                   for name, c in changed.items() if c.get("random_rows")]
         return PassResult(gm, True, notes)
-
-
-GrowWidth = GrowWidthPass

@@ -1,4 +1,4 @@
-"""InsertEMABlocksPass: Network Expansion's depth growth.
+"""InsertEMABlocks: Network Expansion's depth growth.
 
 Pattern: the chains of a model built by :meth:`fxexpand.GrowthPlan.initial_model` (their blocks
 are single ``call_module`` calls, recorded in the model's growth record).
@@ -10,8 +10,13 @@ EMA block k-1 goes right after block k-1, a copy of EMA block k-2 right after bl
 (wrapping around if c > k). ``positions`` gives the blocks to copy-and-follow explicitly.
 
 Naming: a chain of m of the full model's n blocks uses the full model's names at
-:func:`fxexpand.growth.spread` (n, m) — evenly spaced, in order. Blocks are renamed as the chain
+:func:`fxexpand.core.spread` (n, m) — evenly spaced, in order. Blocks are renamed as the chain
 grows, so at the last stage the names (and ``state_dict`` keys) are exactly the full model's.
+The pass reports the moves as a :class:`~fxexpand.core.ModuleRenames` record.
+
+Preconditions (all checked before any change): the model carries a depth growth record; every
+chain named in ``count`` exists; a chain's blocks still follow each other; there is room for the
+new blocks; the EMA model's copied blocks match the model's (type and shapes).
 """
 
 from __future__ import annotations
@@ -23,17 +28,26 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from ..errors import InputError, PreconditionError
-from ..graph import get_module, set_module
-from ..growth import spread
-from ..infra import Pass, PassResult, register_pass
+from ..core import (
+    GrowthRecord,
+    InputError,
+    ModuleRenames,
+    Pass,
+    PassResult,
+    PreconditionError,
+    get_module,
+    get_record,
+    register_pass,
+    set_module,
+    spread,
+)
 
-__all__ = ["InsertEMABlocksPass", "InsertEMABlocks"]
+__all__ = ["InsertEMABlocks"]
 
 
 @register_pass("insert_ema_blocks")
 @dataclass(kw_only=True)
-class InsertEMABlocksPass(Pass):
+class InsertEMABlocks(Pass):
     """Insert copies of EMA-model blocks into the chains of a growing model.
 
     Args:
@@ -57,25 +71,27 @@ class InsertEMABlocksPass(Pass):
         if self.positions is not None and not isinstance(self.positions, (list, tuple, dict)):
             raise TypeError("positions must be a list of block indices or a dict {chain id: list}")
 
-    def call(self, graph_module: fx.GraphModule) -> PassResult:
-        gm = graph_module
-        info = getattr(gm, "_fxexpand_growth", None)
-        if not info or info.get("mode") != "depth":
+    def _record(self, gm: fx.GraphModule) -> GrowthRecord:
+        rec = get_record(gm, GrowthRecord)
+        if rec is None or rec.mode != "depth":
             raise PreconditionError(
                 "InsertEMABlocks grows models built by fxexpand.GrowthPlan(..., depth_factor=...)"
                 ".initial_model() (their chains of blocks are recorded); build the start model with it")
-        chains = info["chains"]
         if isinstance(self.count, dict):
-            unknown = sorted(set(self.count) - set(chains))
+            unknown = sorted(set(self.count) - set(rec.chains))
             if unknown:
-                raise PreconditionError(f"unknown chain(s) {unknown}; the chains are {sorted(chains)}")
-        renames: dict[str, str | None] = {}
-        copied_from: dict[str, str] = {}
-        notes = []
-        modified = False
-        for cid, ch in chains.items():
+                raise PreconditionError(f"unknown chain(s) {unknown}; the chains are {sorted(rec.chains)}")
+        return rec
+
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        self._record(graph_module)
+
+    def _plan(self, gm: fx.GraphModule, rec: GrowthRecord) -> list[tuple]:
+        """Every check, before any change: per chain (id, record, nodes, new sequence, new names)."""
+        plans = []
+        for cid, ch in rec.chains.items():
             count = self.count.get(cid, 0) if isinstance(self.count, dict) else self.count
-            members, slots = list(ch["members"]), list(ch["slots"])
+            members, slots = list(ch.members), list(ch.slots)
             k, n = len(members), len(slots)
             count = min(count, n - k) if not isinstance(self.count, dict) else count
             if count == 0:
@@ -87,33 +103,45 @@ class InsertEMABlocksPass(Pass):
             for a, b in zip(nodes, nodes[1:]):
                 if b.args[0] is not a:
                     raise PreconditionError(f"chain {cid}: {b.target} does not follow {a.target} any more")
+            for j in sorted(set(pos)):
+                src, own = _get_or_none(self.ema_model, members[j]), get_module(gm, members[j])
+                if src is None or type(src) is not type(own) or _shapes(src) != _shapes(own):
+                    raise PreconditionError(
+                        f"the EMA model's {members[j]} does not match the model's block (is it the EMA "
+                        "of this model, taken before growing?)")
             # the new sequence: ("old", j) or ("new", j) = copy of EMA block j
             seq: list[tuple[str, int]] = []
             for j in range(k):
                 seq.append(("old", j))
                 seq.extend(("new", j) for _ in range(pos.count(j)))
             names = [slots[i] for i in spread(n, len(seq))]
+            plans.append((cid, ch, nodes, pos, seq, names))
+        return plans
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        gm = graph_module
+        rec = self._record(gm)
+        plans = self._plan(gm, rec)
+        renames: dict[str, str | None] = {}
+        copied_from: dict[str, str] = {}
+        notes = []
+        for cid, ch, nodes, pos, seq, names in plans:
+            members = list(ch.members)
             # 1. move the existing blocks out of the way, 2. place everything at its new name
-            tmp = {}
+            old_blocks = {}
             for j, name in enumerate(members):
-                t = f"_fxexpand_grow_{j}"
-                tmp[j] = (get_module(gm, name), t)
+                old_blocks[j] = get_module(gm, name)
                 gm.delete_submodule(name)
             cur = nodes[0].args[0]
             for (kind, j), name in zip(seq, names):
                 if kind == "old":
                     node = nodes[j]
                     node.target = name
-                    set_module(gm, name, tmp[j][0])
+                    set_module(gm, name, old_blocks[j])
                     renames[name] = members[j]
                 else:
-                    src = _get_or_none(self.ema_model, members[j])
-                    if src is None or type(src) is not type(tmp[j][0]) or _shapes(src) != _shapes(tmp[j][0]):
-                        raise PreconditionError(
-                            f"the EMA model's {members[j]} does not match the model's block (is it the EMA "
-                            "of this model, taken before growing?)")
-                    block = copy.deepcopy(src)
-                    block.train(tmp[j][0].training)
+                    block = copy.deepcopy(get_module(self.ema_model, members[j]))
+                    block.train(old_blocks[j].training)
                     for p in block.parameters():
                         p.requires_grad_(True)
                     set_module(gm, name, block)
@@ -123,16 +151,14 @@ class InsertEMABlocksPass(Pass):
                     renames[name] = None
                     copied_from[name] = members[j]
                 cur = node
-            ch["members"] = names
-            modified = True
-            notes.append(self.note("grew", cid, f"{k} -> {len(names)} blocks, copies of EMA "
+            ch.members = names
+            notes.append(self.note("grew", cid, f"{len(members)} -> {len(names)} blocks, copies of EMA "
                                                 f"{sorted({members[j] for j in pos})}"))
-        if modified:
+        if plans:
             gm.graph.lint()
             gm.recompile()
-            gm.meta["fxexpand_renames"] = renames
-            gm.meta["fxexpand_copied_from"] = copied_from
-        return PassResult(gm, modified, notes)
+        records = [ModuleRenames(renames, copied_from)] if plans else []
+        return PassResult(gm, bool(plans), notes, records)
 
     def _positions(self, cid: str, k: int, count: int) -> list[int]:
         pos = self.positions
@@ -163,6 +189,3 @@ def _get_or_none(root: nn.Module, name: str) -> nn.Module | None:
 
 def _shapes(m: nn.Module) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in m.state_dict().items()}
-
-
-InsertEMABlocks = InsertEMABlocksPass

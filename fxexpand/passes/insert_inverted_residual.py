@@ -1,9 +1,9 @@
-"""InsertInvertedResidualPass (NetBooster): replace a conv with an inverted residual block.
+"""InsertInvertedResidual (NetBooster): replace a conv with an inverted residual block.
 
 Pattern: a ``call_module`` ``nn.Conv1d``/``nn.Conv2d`` (``C_in → C_out``, kernel k, stride s,
 padding p, dilation d, groups g), called from one place.
 
-Rewrite (installed as an :class:`~fxexpand.provenance.ExpandedRegion` at the conv's name)::
+Rewrite (installed as an :class:`~fxexpand.core.ExpandedRegion` at the conv's name)::
 
     1x1 expand (C_in → R·C_in, groups g, padding p) → BN → act
       → depthwise (kernel 1, or k with dilation d for kernel_size="match"; stride s; unpadded) → BN → act
@@ -15,33 +15,46 @@ Exactness (DESIGN rules 1–4): the padding sits on the *first* conv of the chai
 activations decay to the identity, BN folding and conv∘conv fusion give back one conv with the
 original kernel k + 0, stride s, padding p, dilation d and groups g — plus the identity kernel for
 the shortcut.
+
+Preconditions (checked when a layer is selected; a layer that fails one is left alone and the
+report says why): a Conv1d/Conv2d with zero padding mode and representable padding, called from
+one place (rule 7); pointwise unless ``kernel_size`` allows k×k. Folding the block's BatchNorms
+gives the contracted conv a bias, so a conv built with ``bias=False`` is expanded only when a
+BatchNorm module (running statistics, called once) is the only user of its output and can absorb
+that bias; otherwise ``contract`` could not restore it.
 """
 
 from __future__ import annotations
 
-import logging
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
-from ..graph import CONV_TYPES, _norm_padding, set_module
-from ..infra import Pass, PassResult, register_pass
-from ..modules import Residual
-from ..provenance import ExpandedRegion
-from ._select import activation_near, conv_problem, select_targets
+from ..core import (
+    BN_TYPES,
+    CONV_TYPES,
+    ExpandedRegion,
+    Pass,
+    PassResult,
+    Residual,
+    activation_near,
+    bias_sink,
+    conv_problem,
+    module_call_counts,
+    norm_padding,
+    register_pass,
+    select_targets,
+    set_module,
+)
 
-__all__ = ["InsertInvertedResidualPass", "InsertInvertedResidual"]
-
-logger = logging.getLogger(__name__)
-
-_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
-
+__all__ = ["InsertInvertedResidual"]
 
 @register_pass("insert_inverted_residual")
 @dataclass(kw_only=True)
-class InsertInvertedResidualPass(Pass):
+class InsertInvertedResidual(Pass):
     """NetBooster's expansion: an inverted residual block in place of selected convs.
 
     Args:
@@ -75,29 +88,34 @@ class InsertInvertedResidualPass(Pass):
         if isinstance(self.targets, list):
             self.targets = tuple(self.targets)
 
-    def _eligible(self, name: str, m: nn.Module) -> str:
+    def _eligible(self, gm: fx.GraphModule, node: fx.Node, m: nn.Module, calls) -> str:
         problem = conv_problem(m)
         if problem:
             return problem
         if self.kernel_size == 1 and any(k != 1 for k in m.kernel_size):
             return "not a pointwise conv (use kernel_size='match' to expand k×k convs)"
+        if m.bias is None:
+            _, why = bias_sink(gm, node, calls)
+            if why:
+                return ("bias=False and no BatchNorm can absorb the bias the block's BatchNorms give it "
+                        f"at contraction ({why})")
         return ""
 
     def build_block(self, conv: nn.Module, act: nn.Module) -> nn.Module:
         nd = 1 if isinstance(conv, nn.Conv1d) else 2
         cin, cout, g = conv.in_channels, conv.out_channels, conv.groups
         hidden = self.ratio * cin
-        pad = _norm_padding(conv.padding, tuple(conv.kernel_size), tuple(conv.dilation))
+        pad = norm_padding(conv.padding, tuple(conv.kernel_size), tuple(conv.dilation))
         k = tuple(conv.kernel_size) if self.kernel_size != 1 else (1,) * nd
         dil = tuple(conv.dilation) if self.kernel_size != 1 else (1,) * nd
-        Conv, BN = CONV_TYPES[nd], _BN[nd]
+        Conv, BN = CONV_TYPES[nd], BN_TYPES[nd]
         body = nn.Sequential(
             Conv(cin, hidden, 1, padding=pad, groups=g, bias=False),
             BN(hidden),
-            _clone(act),
+            copy.deepcopy(act),
             Conv(hidden, hidden, k, stride=tuple(conv.stride), dilation=dil, groups=hidden, bias=False),
             BN(hidden),
-            _clone(act),
+            copy.deepcopy(act),
             Conv(hidden, cout, 1, groups=g, bias=conv.bias is not None),
         )
         # the shortcut must land on a tap of the original kernel (p a multiple of d), or the
@@ -110,8 +128,9 @@ class InsertInvertedResidualPass(Pass):
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
+        calls = module_call_counts(gm)
         chosen, skipped = select_targets(gm, targets=self.targets, fraction=self.fraction,
-                                         eligible=self._eligible, pass_name=self.name,
+                                         eligible=lambda g, n, m: self._eligible(g, n, m, calls), pass_name=self.name,
                                          prefer_pointwise=self.kernel_size == "auto")
         notes = [self.note("skipped", name, reason) for name, reason in skipped]
         for node in chosen:
@@ -123,12 +142,3 @@ class InsertInvertedResidualPass(Pass):
                                    f"inverted residual x{self.ratio}, {type(act).__name__}"
                                    + (", shortcut" if isinstance(body, Residual) else "")))
         return PassResult(gm, bool(chosen), notes)
-
-
-def _clone(act: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(act)
-
-
-InsertInvertedResidual = InsertInvertedResidualPass

@@ -1,7 +1,7 @@
-"""LinearExpandPass (ExpandNets): over-parameterise a layer as a chain of linear layers.
+"""LinearExpand (ExpandNets): over-parameterise a layer as a chain of linear layers.
 
 Patterns and rewrites (no non-linearity between the new layers; installed as an
-:class:`~fxexpand.provenance.ExpandedRegion` at the layer's name):
+:class:`~fxexpand.core.ExpandedRegion` at the layer's name):
 
 * ``mode="CL"`` — conv (C_in → C_out, k, s, p, d, g):
   ``1x1 (C_in → r·C_in, pad p) → k×k (r·C_in → r·C_out, stride s, dilation d) → 1x1 (→ C_out)``,
@@ -11,7 +11,13 @@ Patterns and rewrites (no non-linearity between the new layers; installed as an
 * ``mode="FC"`` — ``nn.Linear`` (m → n): ``m → r·m → r·n → n`` (``fc_layers=3``) or ``m → r·n → n``
   (``fc_layers=2``).
 
-Padding sits on the first layer only (rule 1), so contraction is exact.
+Padding sits on the first layer only (rule 1), so contraction is exact. The chain has no
+BatchNorm and a bias only on its last layer, and only if the original layer has one, so every
+selected layer contracts back to its original type and shapes.
+
+Preconditions (checked when a layer is selected; otherwise it is left alone and the report says
+why): ``nn.Conv1d``/``nn.Conv2d`` (CL, CK) or ``nn.Linear`` (FC), called from one place (rule 7),
+with zero padding mode and representable padding; CK needs a square odd kernel larger than 3.
 
 ``init="preserve"`` (not in the papers): the chain computes exactly the original layer's function at
 initialisation with every factor full-rank. For factors A (first), B (middle), C (last) with the
@@ -23,7 +29,6 @@ refused for CK.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,19 +36,24 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..graph import CONV_TYPES, _norm_padding, set_module
-from ..infra import Pass, PassResult, register_pass
-from ..provenance import ExpandedRegion
-from ._select import conv_problem, select_targets
+from ..core import (
+    CONV_TYPES,
+    ExpandedRegion,
+    Pass,
+    PassResult,
+    conv_problem,
+    norm_padding,
+    register_pass,
+    select_targets,
+    set_module,
+)
 
-__all__ = ["LinearExpandPass", "LinearExpand", "preserve_factors"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["LinearExpand", "preserve_factors"]
 
 
 @register_pass("linear_expand")
 @dataclass(kw_only=True)
-class LinearExpandPass(Pass):
+class LinearExpand(Pass):
     """ExpandNets' linear expansion (CL, CK or FC) of selected layers.
 
     Args:
@@ -80,7 +90,7 @@ class LinearExpandPass(Pass):
         if isinstance(self.targets, list):
             self.targets = tuple(self.targets)
 
-    def _eligible(self, name: str, m: nn.Module) -> str:
+    def _eligible(self, gm: fx.GraphModule, node: fx.Node, m: nn.Module) -> str:
         if self.mode == "FC":
             return "" if type(m) is nn.Linear else f"{type(m).__name__} is not nn.Linear (mode FC)"
         problem = conv_problem(m, f" (mode {self.mode})")
@@ -104,7 +114,7 @@ class LinearExpandPass(Pass):
         Conv = CONV_TYPES[nd]
         cin, cout, g = layer.in_channels, layer.out_channels, layer.groups
         k, s, d = tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.dilation)
-        pad = _norm_padding(layer.padding, k, d)
+        pad = norm_padding(layer.padding, k, d)
         bias = layer.bias is not None
         if self.mode == "CL":
             return nn.Sequential(
@@ -190,6 +200,3 @@ def preserve_factors(layer: nn.Module, body: nn.Sequential, gen: torch.Generator
         mids[0].weight.copy_(Bs.to(mids[0].weight.dtype))
     if layer.bias is not None:
         last.bias.copy_(layer.bias.detach())
-
-
-LinearExpand = LinearExpandPass

@@ -1,4 +1,4 @@
-"""RemoveIdentityPass: drop ops that compute the identity at inference.
+"""RemoveIdentity: drop ops that compute the identity at inference.
 
 Pattern → rewrite (``y = op(x)`` → uses of ``y`` become uses of ``x``):
 
@@ -6,7 +6,7 @@ Pattern → rewrite (``y = op(x)`` → uses of ``y`` become uses of ``x``):
 * dropout in eval mode: ``nn.Dropout*`` / ``nn.AlphaDropout`` modules with ``training=False`` and
   ``F.dropout*(..., training=False)`` calls (the flag is a constant in a traced graph); torchvision's
   ``StochasticDepth`` in eval mode;
-* :class:`~fxexpand.modules.DecayActivation` whose ``alpha`` is exactly 1 (rule 6: at alpha < 1 the
+* :class:`~fxexpand.core.DecayActivation` whose ``alpha`` is exactly 1 (rule 6: at alpha < 1 the
   activation is still non-linear and is kept, with a note).
 """
 
@@ -18,12 +18,18 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph import get_module, in_scope, node_input, node_label
-from ..infra import PassResult, register_pass
-from ._scoped import ScopedPass
-from ..modules import DecayActivation
+from ..core import (
+    DecayActivation,
+    PassResult,
+    ScopedPass,
+    get_module,
+    in_scope,
+    node_input,
+    node_label,
+    register_pass,
+)
 
-__all__ = ["RemoveIdentityPass", "RemoveIdentity"]
+__all__ = ["RemoveIdentity"]
 
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _DROPOUT_FUNCS = {F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2, F.alpha_dropout: 2,
@@ -32,13 +38,12 @@ _DROPOUT_FUNCS = {F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2, 
 
 @register_pass("remove_identity")
 @dataclass(kw_only=True)
-class RemoveIdentityPass(ScopedPass):
+class RemoveIdentity(ScopedPass):
     """Remove nn.Identity, eval-mode dropout and fully decayed (alpha == 1) activations.
 
     Args:
         scope: ``"all"`` or ``"expanded"`` (only inside expanded regions).
     """
-
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
@@ -92,5 +97,3 @@ class RemoveIdentityPass(ScopedPass):
             return False, "dropout with training=True (or a non-constant flag)"
         return None
 
-
-RemoveIdentity = RemoveIdentityPass

@@ -1,4 +1,4 @@
-"""RestoreOriginalPass: put each contracted expanded region back as its original layer.
+"""RestoreOriginal: put each contracted expanded region back as its original layer.
 
 Pattern: every node of an expanded region ``R`` (from the trace's region list) has been folded and
 fused into a single conv / linear op.
@@ -9,7 +9,7 @@ node at it, so the contracted model's state_dict keys and shapes are the origina
 
 A fused bias where the original layer has none (it comes from BatchNorms inside the region) is
 absorbed into the following BatchNorm: ``BN(y + b) = BN'(y)`` with ``running_mean' = running_mean − b``.
-If no such BatchNorm follows, contraction fails with :class:`~fxexpand.errors.ContractionError`.
+If no such BatchNorm follows, contraction fails with :class:`~fxexpand.core.ContractionError`.
 Run it after RemoveIdentity / FoldBatchNorm / FuseLinear have reached a fixed point with
 ``scope="expanded"``.
 """
@@ -21,22 +21,37 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..errors import ContractionError
-from ..graph import BN_MODULES, _norm_padding, _tup, get_module, linear_op_of, module_call_counts, node_label, set_module
-from ..infra import Pass, PassResult, register_pass
-from ..provenance import build_layer, region_of
+from ..core import (
+    ContractionError,
+    Pass,
+    PassResult,
+    as_int_tuple,
+    bias_sink,
+    build_layer,
+    get_module,
+    linear_op_of,
+    module_call_counts,
+    node_label,
+    norm_padding,
+    region_of,
+    register_pass,
+    set_module,
+    traced_regions,
+)
 
-__all__ = ["RestoreOriginalPass", "RestoreOriginal"]
+__all__ = ["RestoreOriginal"]
 
 
 @register_pass("restore_original")
 @dataclass(kw_only=True)
-class RestoreOriginalPass(Pass):
+class RestoreOriginal(Pass):
     """Replace each fully contracted expanded region by its original layer type at its original name."""
+
+    after = ("remove_identity", "fold_batchnorm", "fuse_linear")
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
-        regions: dict = gm.meta.get("fxexpand_regions") or {}
+        regions = traced_regions(gm)
         notes = []
         if not regions:
             return PassResult(gm, False, notes)
@@ -80,9 +95,9 @@ class RestoreOriginalPass(Pass):
                                    f"but the original layer's is {want_w}")
         if op.kind == "conv":
             nd = op.nd
-            k, d = tuple(layer.kernel_size), _tup(layer.dilation, nd)
+            k, d = tuple(layer.kernel_size), as_int_tuple(layer.dilation, nd)
             # dilation is irrelevant along a kernel-1 dimension (the fused op normalises it to 1)
-            geom = (_tup(layer.stride, nd), _norm_padding(layer.padding, k, d),
+            geom = (as_int_tuple(layer.stride, nd), norm_padding(layer.padding, k, d),
                     tuple(dd if kk > 1 else 1 for dd, kk in zip(d, k)), layer.groups)
             got = (op.stride, op.padding, tuple(dd if kk > 1 else 1 for dd, kk in zip(op.dilation, k)), op.groups)
             if geom != got:
@@ -90,19 +105,19 @@ class RestoreOriginalPass(Pass):
                                        f"but the original layer has {geom}")
 
     def _absorb_bias(self, gm, rname, node, bias, calls):
-        users = list(node.users)
-        bn_node = users[0] if len(users) == 1 else None
-        bn = get_module(gm, bn_node.target) if bn_node is not None and bn_node.op == "call_module" else None
-        if (bn is None or not isinstance(bn, BN_MODULES) or bn.running_mean is None or bn.training
-                or calls[bn_node.target] > 1 or region_of(gm, bn_node) is not None):
+        sink, why = bias_sink(gm, node, calls)
+        bn = get_module(gm, sink) if sink is not None else None
+        if bn is not None and bn.training:
+            why = f"the BatchNorm {sink} is in training mode"
+        elif bn is not None and region_of(gm, next(iter(node.users))) is not None:
+            why = f"the BatchNorm {sink} lies in another expanded region"
+        if bn is None or why:
             raise ContractionError(
                 f"the contracted region {rname} has a bias but the original layer was built with bias=False, and "
-                "no BatchNorm (eval mode, with running statistics, used once) follows it to absorb the bias; "
-                "expand layers that have a bias or are followed by a BatchNorm"
+                f"no BatchNorm can absorb it ({why}); expansion passes do not expand such layers, so this model was "
+                "expanded by other means or its graph changed after expansion"
             )
         with torch.no_grad():
             bn.running_mean.sub_(bias.to(bn.running_mean.dtype))
-        return self.note("absorbed", f"{rname} -> {bn_node.target}", "bias absorbed into the BatchNorm's running_mean")
+        return self.note("absorbed", f"{rname} -> {sink}", "bias absorbed into the BatchNorm's running_mean")
 
-
-RestoreOriginal = RestoreOriginalPass

@@ -5,6 +5,10 @@
 * :func:`models` / :func:`seeds` — hypothesis strategies built on it (hypothesis is a dev extra).
 * ``check_*`` — the properties fxexpand's CI checks on every generated model; call them on your
   own passes (``check_pass(lambda: MyPass(), model, inputs)``).
+* helpers shared by tests and benchmarks: :func:`randomize_bn`, :func:`rel_error`,
+  :func:`snapshot` / :func:`assert_unchanged`, :func:`graph_signature` / :func:`assert_graph_matches`
+  (Before/Expected graph tests), and the model-file fuzzer (:func:`fuzz`, :func:`mutate`,
+  :func:`fuzz_case`, :func:`make_corpus`).
 * ``python -m fxexpand.testing sweep --seeds 2000`` runs the properties on thousands of seeds;
   ``python -m fxexpand.testing fuzz --iterations 10000`` feeds mutated model files to
   :func:`fxexpand.load` and the CLI. See docs/testing.md.
@@ -25,14 +29,24 @@ from ._checks import (
     check_expansion,
     check_pass,
     check_verify_each,
-    rel_error,
 )
-from ._generator import LIMITS, RandomBlock, RandomNet, random_model
+from ._fuzz import fuzz, fuzz_case, make_corpus, mutate
+from ._generator import LIMITS, RandomBlock, RandomNet, check_limits, random_model
+from ._helpers import (
+    assert_graph_matches,
+    assert_unchanged,
+    graph_signature,
+    randomize_bn,
+    rel_error,
+    snapshot,
+)
 
 __all__ = [
     "random_model", "RandomNet", "RandomBlock", "LIMITS", "RandomCase", "seeds", "models",
     "check_expansion", "check_deploy", "check_pass", "check_verify_each", "BreakOutputPass", "CheckResult",
-    "EXPANSIONS", "CONTRACTION_PASSES", "rel_error",
+    "EXPANSIONS", "CONTRACTION_PASSES",
+    "randomize_bn", "rel_error", "snapshot", "assert_unchanged", "graph_signature", "assert_graph_matches",
+    "fuzz", "fuzz_case", "make_corpus", "mutate",
 ]
 
 
@@ -67,7 +81,6 @@ def seeds(max_seed: int = 2**31 - 1):
 def models(**limits: Any):
     """A hypothesis strategy of :class:`RandomCase` ``(seed, model, example_inputs)``; ``limits`` are
     :func:`random_model`'s keyword limits. Shrinking moves towards small seeds."""
-    from ._generator import _check_limits
 
-    _check_limits(limits)  # fail at definition time, not inside a test
+    check_limits(limits)  # fail at definition time, not inside a test
     return seeds().map(lambda s: RandomCase(s, *random_model(s, **limits)))

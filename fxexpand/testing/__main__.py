@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 import traceback
 import warnings
+from collections import Counter
+
+import torch
+
+from . import (
+    CONTRACTION_PASSES,
+    EXPANSIONS,
+    check_deploy,
+    check_expansion,
+    check_pass,
+    check_verify_each,
+    random_model,
+)
+from ._fuzz import fuzz
 
 
 def _setup_torch() -> None:
-    import torch
-
     torch.set_flush_denormal(True)  # float64 convs on subnormals are ~100x slower
     torch.set_num_threads(1)       # tiny models: thread-pool overhead dominates on a shared machine
     warnings.filterwarnings("ignore", message=".*padding='same'.*")
@@ -21,8 +34,6 @@ def _setup_torch() -> None:
 
 def sweep_seed(seed: int, *, onnx: bool = True, expansions: list[str] | None = None) -> list:
     """Every property on the model of ``seed``: a list of (check name, CheckResult or the exception)."""
-    from . import (CONTRACTION_PASSES, EXPANSIONS, check_deploy, check_expansion, check_pass,
-                   check_verify_each, random_model)
 
     model, inputs = random_model(seed)
     checks = [(f"pass[{n}]", lambda n=n: check_pass(n, model, inputs, seed=seed)) for n in CONTRACTION_PASSES]
@@ -44,9 +55,6 @@ def _interrupt(signum, frame):
 
 
 def cmd_sweep(args) -> int:
-    import signal
-    from collections import Counter
-
     _setup_torch()
     signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` also stops the sweep with a summary
     signal.signal(signal.SIGINT, _interrupt)   # (background jobs start with SIGINT ignored)
@@ -99,8 +107,6 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_fuzz(args) -> int:
-    from ._fuzz import fuzz
-
     _setup_torch()
     report = fuzz(args.iterations, seed=args.seed, cli_every=args.cli_every, workdir=args.workdir,
                   progress=args.progress)

@@ -31,6 +31,11 @@ from pathlib import Path
 
 import torch
 
+from .. import api, io, recipes
+from ..cli import main
+from ..core import FxExpandError
+from ._generator import random_model
+
 __all__ = ["fuzz", "fuzz_case", "FuzzReport", "make_corpus", "mutate", "FACTORY"]
 
 #: the factory name under which generated models are saved (registered by :func:`make_corpus`)
@@ -38,29 +43,23 @@ FACTORY = "fxexpand.testing:random_net"
 
 
 def _random_net(seed: int = 0, **limits):
-    from ._generator import random_model
-
     return random_model(seed, **limits)[0]
 
 
 def make_corpus(workdir: Path) -> list[Path]:
     """Write the valid seed files of the fuzzer into ``workdir``."""
-    import fxexpand
 
-    from .. import recipes
-
-    fxexpand.register_factory(FACTORY, _random_net)
+    io.register_factory(FACTORY, _random_net)
     workdir.mkdir(parents=True, exist_ok=True)
     files = []
-    small = fxexpand.build_model("fxexpand:SmallNet")
-    files.append(fxexpand.save(small, workdir / "smallnet.pt", input_shape=(1, 3, 32, 32)))
-    net = fxexpand.build_model(FACTORY, seed=3, max_blocks=2, max_channels=6)
-    from ._generator import random_model
+    small = io.build_model("fxexpand:SmallNet")
+    files.append(io.save(small, workdir / "smallnet.pt", input_shape=(1, 3, 32, 32)))
+    net = io.build_model(FACTORY, seed=3, max_blocks=2, max_channels=6)
 
     _, (inp,) = random_model(3, max_blocks=2, max_channels=6)
-    files.append(fxexpand.save(net, workdir / "random_net.pt", input_shape=tuple(inp.shape)))
-    expanded = fxexpand.compile(small, passes=recipes.netbooster())
-    files.append(fxexpand.save(expanded, workdir / "expanded.pt", input_shape=(1, 3, 32, 32)))
+    files.append(io.save(net, workdir / "random_net.pt", input_shape=tuple(inp.shape)))
+    expanded = api.compile(small, passes=recipes.netbooster())
+    files.append(io.save(expanded, workdir / "expanded.pt", input_shape=(1, 3, 32, 32)))
     sd = workdir / "state_dict.pt"
     torch.save(small.state_dict(), sd)
     files.append(sd)
@@ -206,8 +205,6 @@ class FuzzReport:
 
 
 def _run_cli(path: Path, out: Path) -> tuple[int, str]:
-    from ..cli import main
-
     err = _io.StringIO()
     with contextlib.redirect_stdout(_io.StringIO()), contextlib.redirect_stderr(err):
         try:
@@ -220,8 +217,6 @@ def _run_cli(path: Path, out: Path) -> tuple[int, str]:
 def fuzz(iterations: int, *, seed: int = 0, cli_every: int = 100, workdir: str | Path | None = None,
          progress: int = 0) -> FuzzReport:
     """Run the fuzzer; returns a :class:`FuzzReport` (``report.ok`` is False if a bug was found)."""
-    import fxexpand
-    from ..errors import FxExpandError
 
     tmp = None
     if workdir is None:
@@ -240,7 +235,7 @@ def fuzz(iterations: int, *, seed: int = 0, cli_every: int = 100, workdir: str |
             case.write_bytes(data)
             where = f"iteration {it} ({name})"
             try:
-                fxexpand.load(case)
+                io.load(case)
                 report.outcomes["loaded"] += 1
             except FxExpandError as e:
                 report.outcomes[type(e).__name__] += 1

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RandomNet", "RandomBlock", "random_model", "LIMITS"]
+from ._helpers import randomize_bn
+
+__all__ = ["RandomNet", "RandomBlock", "random_model", "LIMITS", "check_limits"]
 
 # keyword limits of random_model: name -> (default, smallest allowed, largest allowed)
 LIMITS: dict[str, tuple[Any, Any, Any]] = {
@@ -263,7 +265,7 @@ class _Builder:
         return self.add_module("act", _ACT_MODULES[kind](r), src, self.shapes[src])
 
     def identity(self, src: int) -> int:
-        """nn.Identity, eval-mode dropout or F.dropout(training=False): removed by RemoveIdentityPass."""
+        """nn.Identity, eval-mode dropout or F.dropout(training=False): removed by RemoveIdentity."""
         r, sh = self.rng, self.shapes[src]
         kind = r.choice(["Identity", "Dropout", "F.dropout"])
         self.features.add(kind)
@@ -379,7 +381,7 @@ class _Builder:
             v = getattr(self, op)(v)  # every op returns the value it emitted last: the block's output
 
 
-def _check_limits(limits: dict[str, Any]) -> dict[str, Any]:
+def check_limits(limits: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in limits.items():
         if key not in LIMITS and key not in ("nd", "head"):
@@ -400,16 +402,10 @@ def _check_limits(limits: dict[str, Any]) -> dict[str, Any]:
 
 
 def _randomize(model: nn.Module, gen: torch.Generator) -> None:
-    """Random BatchNorm running statistics and affine parameters (default ones hide folding bugs)."""
+    """Random BatchNorm running statistics and affine parameters (default ones hide folding bugs),
+    then the same for the functional batch norms' buffers and parameters."""
+    randomize_bn(model, generator=gen)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if m.running_mean is not None:
-                    m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) * 2 - 1)
-                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) * 1.5 + 0.5)
-                if m.affine:
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-                    m.bias.copy_(torch.rand(m.bias.shape, generator=gen) - 0.5)
         for name, buf in model.named_buffers():
             if name.endswith("_mean") and not name.endswith("running_mean"):
                 buf.copy_(torch.rand(buf.shape, generator=gen) * 2 - 1)
@@ -451,7 +447,7 @@ def random_model(seed: int, **limits: Any) -> tuple[RandomNet, tuple[torch.Tenso
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    lim = _check_limits(limits)
+    lim = check_limits(limits)
     r = random.Random(seed)
     nd = lim["nd"] if lim["nd"] is not None else r.choice([1, 2])
     max_c = lim["max_channels"]

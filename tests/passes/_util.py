@@ -4,9 +4,8 @@ import torch
 from torch import nn
 
 import fxexpand
-from fxexpand.api import propagate_shapes
-
-from ..conftest import randomize_bn, rel_err
+from fxexpand.core import propagate_shapes
+from fxexpand.testing import randomize_bn, rel_error
 
 
 def apply(pass_obj, model: nn.Module, x: torch.Tensor, dtype=torch.float64):
@@ -25,7 +24,7 @@ def apply(pass_obj, model: nn.Module, x: torch.Tensor, dtype=torch.float64):
 
 def max_rel(ref, gm, x) -> float:
     with torch.no_grad():
-        return rel_err(ref(x), gm(x))
+        return rel_error(ref(x), gm(x))
 
 
 def op_types(gm) -> list[str]:

@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph import get_module, module_call_counts, set_module
+from .fx import get_module, module_call_counts, set_module
 
 __all__ = ["ChannelAnalysis", "analyse", "resize", "orthogonal_rows"]
 

@@ -22,9 +22,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import PassError
-from ..graph import get_module, module_call_counts
-from ..provenance import ExpandedRegion
+from .errors import PassError
+from .fx import get_module, module_call_counts
+from .ops import norm_padding
+from .provenance import ExpandedRegion
+
+__all__ = ["BLOCK_TYPES", "ACTIVATION_MODULES", "evenly_spaced", "select_targets", "conv_problem",
+           "activation_near", "spread"]
 
 BLOCK_TYPES = {"InvertedResidual", "_InvertedResidual", "MBConv", "FusedMBConv", "Bottleneck", "BasicBlock"}
 
@@ -59,13 +63,14 @@ def select_targets(
     *,
     targets: Any,
     fraction: float,
-    eligible: Callable[[str, nn.Module], str],
+    eligible: Callable[[fx.GraphModule, fx.Node, nn.Module], str],
     pass_name: str,
     prefer_pointwise: bool = False,
 ) -> tuple[list[fx.Node], list[tuple[str, str]]]:
     """Choose target nodes; returns ``(chosen, skipped)`` with ``skipped`` = [(name, reason)].
 
-    ``eligible(name, module)`` returns "" if the layer can be expanded, else the reason it cannot.
+    ``eligible(gm, node, module)`` returns "" if the layer can be expanded — including that the
+    expansion will contract back exactly — else the reason it cannot.
     """
     calls = module_call_counts(gm)
     candidates: list[fx.Node] = []
@@ -81,7 +86,7 @@ def select_targets(
             continue
         if not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d)):
             continue
-        reason = eligible(node.target, mod)
+        reason = eligible(gm, node, mod)
         if not reason and calls[node.target] > 1:
             reason = f"called from {calls[node.target]} places (rule 7)"
         if reason:
@@ -144,13 +149,11 @@ def select_targets(
 
 def conv_problem(m: nn.Module, what: str = "") -> str:
     """Why a module cannot be an expansion target as a conv ("" if it can)."""
-    from ..graph import _norm_padding
-
     if type(m) not in (nn.Conv1d, nn.Conv2d):
         return f"{type(m).__name__} is not a Conv1d/Conv2d{what}"
     if m.padding_mode != "zeros":
         return f"padding_mode={m.padding_mode!r}"
-    if _norm_padding(m.padding, tuple(m.kernel_size), tuple(m.dilation)) is None:
+    if norm_padding(m.padding, tuple(m.kernel_size), tuple(m.dilation)) is None:
         return "asymmetric 'same' padding"
     return ""
 
@@ -204,3 +207,12 @@ def _act_kwargs(m: nn.Module) -> dict:
     if isinstance(m, nn.Hardtanh) and not isinstance(m, nn.ReLU6):
         return {"min_val": m.min_val, "max_val": m.max_val}
     return {}
+
+
+def spread(n: int, m: int) -> list[int]:
+    """``m`` evenly spaced indices out of ``n`` (first and last included when ``m`` ≥ 2)."""
+    if not 1 <= m <= n:
+        raise ValueError(f"cannot pick {m} of {n}")
+    if m == 1:
+        return [0]
+    return [math.floor(i * (n - 1) / (m - 1) + 0.5) for i in range(m)]

@@ -10,6 +10,11 @@ contraction report is built from them.
 recompiles and lints the graph after each one, and names the failing pass *and the passes that ran
 before it* in any error. With ``verify_each=True`` it checks numerical equivalence after every pass
 and names the first pass that changed the model's function.
+
+Ordering constraints are declared, not written in prose: a pass class lists in ``after`` the
+registered names of passes that must run before it when both are in one manager (RestoreOriginal
+runs after the folding and fusion passes), and ``PassManager(constraints=[(a, b), ...])`` adds
+"a before b" for one manager. A manager whose order breaks a constraint is refused when it is built.
 """
 
 from __future__ import annotations
@@ -17,20 +22,30 @@ from __future__ import annotations
 import abc
 import copy
 import dataclasses
+import inspect
 import logging
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import torch.fx as fx
 
-from .errors import EquivalenceError, FxExpandError, PassError, PostconditionError, PreconditionError
+from .errors import (
+    EquivalenceError,
+    FxExpandError,
+    PassError,
+    PostconditionError,
+    PreconditionError,
+)
+from .verify import verify
 
 __all__ = [
     "Note",
     "PassResult",
     "Pass",
     "PassManager",
+    "ScopedPass",
     "register_pass",
     "get_pass",
     "registered_passes",
@@ -62,11 +77,13 @@ class Note:
 
 @dataclass
 class PassResult:
-    """What a pass returns: the (possibly same, possibly mutated) module, whether it changed, notes."""
+    """What a pass returns: the (possibly same, possibly mutated) module, whether it changed, notes,
+    and typed records (e.g. :class:`~fxexpand.core.provenance.ModuleRenames`) for the caller."""
 
     graph_module: fx.GraphModule
     modified: bool
     notes: list[Note] = field(default_factory=list)
+    records: list[Any] = field(default_factory=list)
 
 
 def register_pass(name: str) -> Callable[[type["Pass"]], type["Pass"]]:
@@ -83,9 +100,8 @@ def register_pass(name: str) -> Callable[[type["Pass"]], type["Pass"]]:
 
 
 def registered_passes() -> dict[str, type["Pass"]]:
-    """The registry (name -> pass class), for discovery and the CLI."""
-    from . import passes as _  # noqa: F401  (importing registers the built-in passes)
-
+    """The registry (name -> pass class), for discovery and the CLI. The built-in passes register
+    when :mod:`fxexpand.passes` is imported (``import fxexpand`` does)."""
     return dict(_REGISTRY)
 
 
@@ -99,12 +115,26 @@ def get_pass(name: str) -> type["Pass"]:
         ) from None
 
 
+def required_arguments(cls: type["Pass"]) -> list[str]:
+    """The keyword arguments a pass class cannot be built without (empty: buildable by name)."""
+    params = inspect.signature(cls).parameters.values()
+    return [p.name for p in params if p.default is inspect.Parameter.empty
+            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
 def build_pass(spec: "Pass | str") -> "Pass":
-    """Turn a pass object or a registered name into a pass object (a name uses default arguments)."""
+    """Turn a pass object or a registered name into a pass object (a name uses default arguments;
+    a pass with required arguments cannot be built by name, and the error says which it needs)."""
     if isinstance(spec, Pass):
         return spec
     if isinstance(spec, str):
-        return get_pass(spec)()
+        cls = get_pass(spec)
+        needed = required_arguments(cls)
+        if needed:
+            raise PassError(
+                f"pass {spec!r} cannot be built by name: it needs the argument(s) {', '.join(needed)}; "
+                f"pass an object instead, e.g. {cls.__name__}({', '.join(f'{a}=...' for a in needed)})")
+        return cls()
     raise TypeError(f"expected a Pass instance or a registered pass name, got {type(spec).__name__}")
 
 
@@ -140,7 +170,7 @@ def _simple_types(hint: Any) -> tuple[type, ...] | None:
         if isinstance(hint, type):
             return (hint,)
         return None
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+    if origin in (typing.Union, types.UnionType):
         out: list[type] = []
         for arg in typing.get_args(hint):
             sub = _simple_types(arg)
@@ -166,6 +196,8 @@ class Pass(abc.ABC):
     """
 
     registered_name: ClassVar[str] = ""
+    #: registered names of passes that must run before this one when both are in one PassManager
+    after: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -182,8 +214,6 @@ class Pass(abc.ABC):
             )
         try:
             self.requires(graph_module)
-        except PreconditionError:
-            raise
         except FxExpandError:
             raise
         except Exception as e:  # a check that crashed is a failed precondition
@@ -193,8 +223,6 @@ class Pass(abc.ABC):
             raise PassError(f"{self.name}.call() must return a PassResult, got {type(result).__name__}")
         try:
             self.ensures(result.graph_module)
-        except PostconditionError:
-            raise
         except FxExpandError:
             raise
         except Exception as e:
@@ -203,7 +231,11 @@ class Pass(abc.ABC):
 
     @abc.abstractmethod
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        """Rewrite ``graph_module`` (in place is allowed) and return a :class:`PassResult`."""
+        """Rewrite ``graph_module`` (in place is allowed) and return a :class:`PassResult`.
+
+        Everything that can reject the input is checked in :meth:`requires` or before the first
+        change, so a refused input is never left half rewritten. Per-call state lives in local
+        variables, never on ``self``."""
 
     def requires(self, graph_module: fx.GraphModule) -> None:  # noqa: B027 - optional hook
         """Precondition on the input; raise :class:`PreconditionError` to reject it."""
@@ -228,6 +260,8 @@ class PassManager(Pass):
             before that pass (needs ``example_inputs``) and name the first pass that broke it.
         example_inputs: inputs for ``verify_each``.
         rtol, atol: tolerances for ``verify_each`` (float32 comparison; float64 uses 1e-9).
+        constraints: extra ordering constraints ``(a, b)``: pass ``a`` (a registered name) must
+            run before pass ``b`` wherever both appear; checked with each pass's own ``after``.
     """
 
     passes: Sequence[Any] = ()
@@ -238,6 +272,7 @@ class PassManager(Pass):
     example_inputs: Any = None
     rtol: float = 1e-4
     atol: float = 0.0
+    constraints: Sequence[Any] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -246,13 +281,29 @@ class PassManager(Pass):
             raise ValueError("PassManager(verify_each=True) needs example_inputs=")
         if self.max_iterations < 1:
             raise ValueError("max_iterations must be >= 1")
+        self.constraints = tuple(tuple(c) for c in self.constraints)
+        if not all(len(c) == 2 and all(isinstance(x, str) for x in c) for c in self.constraints):
+            raise TypeError("constraints must be pairs (a, b) of registered pass names: a runs before b")
+        self._check_order()
+
+    def _check_order(self) -> None:
+        """Refuse an order that breaks a declared constraint (``after`` or ``constraints``)."""
+        names = [getattr(type(p), "registered_name", "") for p in self.passes]
+        rules = list(self.constraints)
+        rules += [(before, getattr(type(p), "registered_name", "") or p.name)
+                  for p in self.passes for before in type(p).after]
+        for before, later in rules:
+            later_at = [i for i, (n, p) in enumerate(zip(names, self.passes)) if later in (n, p.name)]
+            before_at = [i for i, n in enumerate(names) if n == before]
+            if later_at and before_at and max(before_at) > min(later_at):
+                raise PassError(f"pass order breaks a constraint: {before} must run before {later} "
+                                f"(order: {', '.join(p.name for p in self.passes)})")
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        from .verify import verify as _verify  # local: verify imports infra
-
         gm = graph_module
         ran: list[str] = []
         notes: list[Note] = []
+        records: list[Any] = []
         any_modified = False
         for iteration in range(self.max_iterations):
             round_modified = False
@@ -261,10 +312,8 @@ class PassManager(Pass):
                 history = ", ".join(ran) if ran else "none"
                 try:
                     result = p(gm)
-                except PassError as e:
-                    raise type(e)(f"pass {p.name} failed (passes run before it: {history}): {e}") from e
-                except FxExpandError:
-                    raise
+                except FxExpandError as e:
+                    raise _with_context(e, f"pass {p.name} failed (passes run before it: {history}): ") from e
                 except Exception as e:
                     raise PassError(
                         f"pass {p.name} failed (passes run before it: {history}): "
@@ -273,6 +322,7 @@ class PassManager(Pass):
                 gm = result.graph_module
                 ran.append(p.name)
                 notes.extend(result.notes)
+                records.extend(result.records)
                 if result.modified:
                     round_modified = True
                     try:
@@ -286,7 +336,7 @@ class PassManager(Pass):
                         ) from e
                     if before is not None:
                         try:
-                            _verify(before, gm, self.example_inputs, rtol=self.rtol, atol=self.atol)
+                            verify(before, gm, self.example_inputs, rtol=self.rtol, atol=self.atol)
                         except EquivalenceError as e:
                             raise EquivalenceError(
                                 f"pass {p.name} changed the model's function (first pass to do so; "
@@ -302,4 +352,27 @@ class PassManager(Pass):
                     f"PassManager did not reach a fixed point in {self.max_iterations} rounds "
                     f"(passes: {', '.join(p.name for p in self.passes)})"
                 )
-        return PassResult(gm, any_modified, notes)
+        return PassResult(gm, any_modified, notes, records)
+
+
+def _with_context(error: FxExpandError, prefix: str) -> FxExpandError:
+    """The same error (type and attributes, e.g. an EquivalenceError's report) with ``prefix``
+    before its message; an error a nested manager already named is not named twice."""
+    if str(error).startswith("pass "):
+        return error
+    new = copy.copy(error)
+    new.args = (prefix + str(error),) + tuple(error.args[1:])
+    return new
+
+
+@dataclass(kw_only=True)
+class ScopedPass(Pass):
+    """A pass with ``scope``: ``"all"`` rewrites everywhere, ``"expanded"`` only inside
+    :class:`~fxexpand.core.provenance.ExpandedRegion` containers (target "original" of ``contract``)."""
+
+    scope: Literal["all", "expanded"] = "all"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scope not in ("all", "expanded"):
+            raise ValueError(f"{type(self).__name__}: scope must be 'all' or 'expanded', got {self.scope!r}")

@@ -1,4 +1,4 @@
-"""Numerical equivalence checks, and the :class:`VerifyPass`.
+"""Numerical equivalence checks (the pass form is :class:`fxexpand.passes.Verify`).
 
 :func:`verify` runs a reference and a candidate model on the example inputs and on random inputs
 shaped like them, in the models' own dtype (float32) *and* on float64 copies. The float64 check
@@ -11,21 +11,16 @@ Both models are deep-copied and put in eval mode; neither argument is modified.
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from .errors import EquivalenceError, InputError
-from .infra import Pass, PassResult, register_pass
+from .fx import as_inputs
 
-__all__ = ["verify", "VerifyReport", "OutputError", "VerifyPass", "Verify", "flatten_outputs"]
-
-logger = logging.getLogger(__name__)
-
+__all__ = ["verify", "VerifyReport", "OutputError", "flatten_outputs", "nonfinite_tensors", "to_float64"]
 
 @dataclass
 class OutputError:
@@ -95,7 +90,8 @@ def _random_like(x: Any, gen: torch.Generator) -> Any:
     return torch.randint(lo, max(hi, lo + 1), x.shape, generator=gen, dtype=x.dtype).to(x.device)
 
 
-def _to64(x: Any) -> Any:
+def to_float64(x: Any) -> Any:
+    """A floating tensor in float64; anything else unchanged."""
     if isinstance(x, torch.Tensor) and x.is_floating_point():
         return x.double()
     return x
@@ -122,12 +118,6 @@ def nonfinite_tensors(model: nn.Module) -> list[str]:
             if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def _as_tuple(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (list, tuple)):
-        return tuple(example_inputs)
-    raise InputError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
 def verify(
@@ -168,7 +158,7 @@ def verify(
             weights (a non-finite value can hide any error, so it never passes).
         InputError: if a model fails on the inputs.
     """
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     if trials < 1:
         raise ValueError("trials must be >= 1")
     for which, m in (("reference", reference), ("candidate", candidate)):
@@ -193,7 +183,7 @@ def verify(
         precisions[0] = (precisions[0][0], ref, cand, lambda x: x, min(rtol, rtol64), min(atol, atol64))
     if float64 and dt != torch.float64:
         c64 = copy.deepcopy(candidate64).eval() if candidate64 is not None else copy.deepcopy(cand)
-        precisions.append(("float64", copy.deepcopy(ref).double(), c64.double(), _to64, rtol64, atol64))
+        precisions.append(("float64", copy.deepcopy(ref).double(), c64.double(), to_float64, rtol64, atol64))
 
     report = VerifyReport()
     ref64 = precisions[1][1] if len(precisions) > 1 else None
@@ -204,7 +194,7 @@ def verify(
             xs = tuple(conv(x) for x in ti)
             noise: dict[str, float] = {}
             if pi == 0 and ref64 is not None:
-                for name, t in flatten_outputs(_run(ref64, tuple(_to64(x) for x in ti), "reference")):
+                for name, t in flatten_outputs(_run(ref64, tuple(to_float64(x) for x in ti), "reference")):
                     noise[name] = t
             out_r = flatten_outputs(_run(r, xs, "reference"))
             out_c = flatten_outputs(_run(c, xs, "candidate"))
@@ -240,31 +230,3 @@ def verify(
         detail = "; ".join(f"{o.name} ({o.precision}): max abs {o.max_abs:.3e}, max rel {o.max_rel:.3e}" for o in bad)
         raise EquivalenceError(f"outputs diverged: {detail}", report=report)
     return report
-
-
-@register_pass("verify")
-class VerifyPass(Pass):
-    """Checks the graph against a reference model; never modifies it.
-
-    Args:
-        reference: the model the graph must be equivalent to.
-        example_inputs: tuple of example tensors.
-        rtol, atol, trials: see :func:`verify`.
-    """
-
-    def __init__(self, *, reference: nn.Module, example_inputs: Any, rtol: float = 1e-4, atol: float = 0.0,
-                 trials: int = 3):
-        if not isinstance(reference, nn.Module):
-            raise TypeError("VerifyPass(reference=...) must be an nn.Module")
-        self.reference = reference
-        self.example_inputs = example_inputs
-        self.rtol, self.atol, self.trials = float(rtol), float(atol), int(trials)
-
-    def call(self, graph_module: fx.GraphModule) -> PassResult:
-        rep = verify(self.reference, graph_module, self.example_inputs, rtol=self.rtol, atol=self.atol,
-                     trials=self.trials)
-        note = self.note("info", "verified", f"max abs error {rep.max_abs_error():.3e}")
-        return PassResult(graph_module, False, [note])
-
-
-Verify = VerifyPass

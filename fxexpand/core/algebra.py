@@ -27,10 +27,11 @@ import itertools
 import math
 
 import torch
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from ..graph import LinearOp
+from .ops import BNParams, LinearOp
 
-__all__ = ["compose", "sum_parallel", "identity_like", "dense_weight", "grouped_weight", "max_groups"]
+__all__ = ["compose", "sum_parallel", "identity_like", "bn_as_op", "dense_weight", "grouped_weight", "max_groups"]
 
 
 def dense_weight(op: LinearOp) -> torch.Tensor:
@@ -197,6 +198,26 @@ def identity_like(op: LinearOp, channels: int) -> LinearOp:
     nd = op.nd
     return LinearOp("conv", torch.ones(channels, 1, *([1] * nd), dtype=w.dtype, device=w.device), None,
                     (1,) * nd, (0,) * nd, (1,) * nd, channels)
+
+
+def bn_as_op(bn: BNParams, like: LinearOp) -> LinearOp:
+    """An inference-mode batch norm as an op of ``like``'s kind: BatchNorm folded (by torch's own
+    ``fuse_conv_bn_weights`` / ``fuse_linear_bn_weights``) into the identity of
+    :func:`identity_like`, i.e. a depthwise 1x1 conv with weight ``s = γ/√(σ²+ε)`` and bias
+    ``β − μ·s`` (a diagonal matrix for a linear). Computed in float64, returned in ``like``'s dtype."""
+    c = bn.running_mean.numel()
+    ident = identity_like(LinearOp(like.kind, like.weight.detach().double(), None,
+                                   like.stride, like.padding, like.dilation, 1), c)
+    f64 = [None if t is None else t.detach().double() for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)]
+    mean, var, weight, bias = f64
+    weight = torch.ones_like(mean) if weight is None else weight
+    bias = torch.zeros_like(mean) if bias is None else bias
+    fuse = fuse_linear_bn_weights if like.kind == "linear" else fuse_conv_bn_weights
+    with torch.no_grad():
+        w, b = fuse(ident.weight, None, mean, var, bn.eps, weight, bias)
+    dt = like.weight.dtype
+    return LinearOp(like.kind, w.detach().to(dt), b.detach().to(dt), ident.stride, ident.padding, ident.dilation,
+                    ident.groups)
 
 
 def sum_parallel(ops: list[LinearOp]) -> tuple[LinearOp | None, str]:

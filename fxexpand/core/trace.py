@@ -12,7 +12,6 @@ The returned GraphModule shares parameters with ``model`` (as ``torch.fx.symboli
 
 from __future__ import annotations
 
-import logging
 import os
 import traceback
 from typing import Any, Iterable
@@ -22,10 +21,11 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import TraceError
+from .modules import DecayActivation
+from .provenance import ExpandedRegion, find_regions, set_traced_regions
 
-__all__ = ["trace"]
+__all__ = ["trace", "trace_with_calls", "ModuleCall"]
 
-logger = logging.getLogger(__name__)
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(__file__) + os.sep
@@ -79,7 +79,9 @@ def _mode_dependent_types() -> tuple[type, ...]:
     mode. Kept as leaf calls they follow ``.train()`` / ``.eval()``.
     """
     try:
-        from torchvision.ops import StochasticDepth
+        from torchvision.ops import (
+            StochasticDepth,  # lazy: torchvision is optional for the engine
+        )
     except Exception:  # torchvision missing or broken
         return ()
     return (StochasticDepth,)
@@ -147,9 +149,6 @@ def trace_with_calls(
     bad = [x for x in leaf_modules if not (isinstance(x, str) or (isinstance(x, type) and issubclass(x, nn.Module)))]
     if bad:
         raise TypeError(f"leaf_modules must be nn.Module subclasses or qualified names, got {bad!r}")
-    from .modules import DecayActivation
-    from .provenance import ExpandedRegion, find_regions
-
     leaf_types = tuple(x for x in leaf_modules if isinstance(x, type)) + (DecayActivation,) + _mode_dependent_types()
     if not inline_regions:
         leaf_types += (ExpandedRegion,)
@@ -180,8 +179,6 @@ def trace_with_calls(
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     # a cache (gm.meta is not pickled): regions traced through, for scope="expanded" passes
-    gm.meta["fxexpand_regions"] = (
-        {name: (r.original_type, dict(r.original_config)) for name, r in find_regions(model).items()}
-        if inline_regions else {}
-    )
+    set_traced_regions(gm, {name: (r.original_type, dict(r.original_config)) for name, r in find_regions(model).items()}
+                       if inline_regions else {})
     return gm, tracer.module_calls

@@ -1,0 +1,165 @@
+"""The engine: everything a pass needs, and nothing that knows about a particular rewrite.
+
+``fxexpand.core`` never imports :mod:`fxexpand.passes`, :mod:`fxexpand.pipelines`, :mod:`fxexpand.api`
+or an application module (import-linter checks this in CI). Passes import only the names listed
+here. Modules:
+
+* :mod:`~fxexpand.core.errors` — typed errors;
+* :mod:`~fxexpand.core.trace` — tracing with clear errors;
+* :mod:`~fxexpand.core.infra` — :class:`Pass`, :class:`PassResult`, :class:`PassManager`, registry;
+* :mod:`~fxexpand.core.fx` — graph edits, use counts, shapes, example inputs;
+* :mod:`~fxexpand.core.ops` — op tables and readers for both graph forms (rule 8), rule-7 guard;
+* :mod:`~fxexpand.core.algebra` — exact composition of convs and linears (rules 1–4);
+* :mod:`~fxexpand.core.channels` — channel groups (networkx) and consistent resizing;
+* :mod:`~fxexpand.core.select` — choosing expansion targets;
+* :mod:`~fxexpand.core.modules` — modules fxexpand inserts (DecayActivation, Residual);
+* :mod:`~fxexpand.core.provenance` — expanded regions and typed records;
+* :mod:`~fxexpand.core.verify` — numerical equivalence.
+"""
+
+from .algebra import (
+    bn_as_op,
+    compose,
+    dense_weight,
+    grouped_weight,
+    identity_like,
+    max_groups,
+    sum_parallel,
+)
+from .channels import ChannelAnalysis, analyse, orthogonal_rows, resize
+from .errors import (
+    ContractionError,
+    EquivalenceError,
+    ExportError,
+    FxExpandError,
+    InputError,
+    LoadError,
+    PassError,
+    PostconditionError,
+    PreconditionError,
+    TraceError,
+)
+from .fx import (
+    as_inputs,
+    attr_use_counts,
+    erase_if_dead,
+    fresh_name,
+    get_attr,
+    get_module,
+    has_module,
+    in_scope,
+    module_call_count,
+    module_call_counts,
+    node_input,
+    node_label,
+    out_shape,
+    propagate_shapes,
+    replace_nodes_with_module,
+    set_module,
+)
+from .infra import (
+    Note,
+    Pass,
+    PassManager,
+    PassResult,
+    ScopedPass,
+    build_pass,
+    get_pass,
+    register_pass,
+    registered_passes,
+    required_arguments,
+)
+from .modules import DecayActivation, Residual
+from .ops import (
+    ADD_FUNCS,
+    BN_FUNCS,
+    BN_MODULES,
+    BN_TYPES,
+    CONV_FUNCS,
+    CONV_MODULES,
+    CONV_TYPES,
+    LINEAR_FUNCS,
+    BNParams,
+    LinearOp,
+    as_int_tuple,
+    bias_sink,
+    bn_of,
+    is_add,
+    linear_op_of,
+    linear_param_names,
+    node_arg,
+    norm_padding,
+    shared_use,
+)
+from .provenance import (
+    RESTORABLE_TYPES,
+    ChainRecord,
+    ExpandedRegion,
+    GrowthRecord,
+    ModelFactory,
+    ModuleRenames,
+    ParameterOrigins,
+    Recipe,
+    build_layer,
+    find_regions,
+    get_record,
+    keep_attr,
+    layer_config,
+    persistent_records,
+    region_of,
+    set_record,
+    set_traced_regions,
+    traced_regions,
+)
+from .select import (
+    ACTIVATION_MODULES,
+    BLOCK_TYPES,
+    activation_near,
+    conv_problem,
+    evenly_spaced,
+    select_targets,
+    spread,
+)
+from .trace import ModuleCall, trace, trace_with_calls
+from .verify import (
+    OutputError,
+    VerifyReport,
+    flatten_outputs,
+    nonfinite_tensors,
+    to_float64,
+    verify,
+)
+
+__all__ = [
+    # algebra
+    "bn_as_op", "compose", "dense_weight", "grouped_weight", "identity_like", "max_groups", "sum_parallel",
+    # channels
+    "ChannelAnalysis", "analyse", "orthogonal_rows", "resize",
+    # errors
+    "ContractionError", "EquivalenceError", "ExportError", "FxExpandError", "InputError", "LoadError",
+    "PassError", "PostconditionError", "PreconditionError", "TraceError",
+    # fx
+    "as_inputs", "attr_use_counts", "erase_if_dead", "fresh_name", "get_attr", "get_module", "has_module",
+    "in_scope", "module_call_count", "module_call_counts", "node_input", "node_label", "out_shape",
+    "propagate_shapes", "replace_nodes_with_module", "set_module",
+    # infra
+    "Note", "Pass", "PassManager", "PassResult", "ScopedPass", "build_pass", "get_pass", "register_pass",
+    "registered_passes", "required_arguments",
+    # modules
+    "DecayActivation", "Residual",
+    # ops
+    "ADD_FUNCS", "BN_FUNCS", "BN_MODULES", "BN_TYPES", "CONV_FUNCS", "CONV_MODULES", "CONV_TYPES", "LINEAR_FUNCS",
+    "BNParams", "LinearOp", "as_int_tuple", "bias_sink", "bn_of", "is_add", "linear_op_of", "linear_param_names", "node_arg",
+    "norm_padding", "shared_use",
+    # provenance
+    "RESTORABLE_TYPES", "ChainRecord", "ExpandedRegion", "GrowthRecord", "ModelFactory", "ModuleRenames", "ParameterOrigins",
+    "Recipe", "build_layer", "find_regions", "get_record", "keep_attr", "layer_config", "persistent_records", "region_of", "set_record",
+    "set_traced_regions", "traced_regions",
+    # select
+    "ACTIVATION_MODULES", "BLOCK_TYPES", "activation_near", "conv_problem", "evenly_spaced", "select_targets",
+    "spread",
+    # trace
+    "ModuleCall", "trace", "trace_with_calls",
+    # verify
+    "OutputError", "VerifyReport", "flatten_outputs", "nonfinite_tensors", "to_float64", "verify",
+]
