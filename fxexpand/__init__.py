@@ -9,6 +9,7 @@ Entry points: :func:`trace`, :func:`compile`, :func:`contract`, :func:`verify`, 
 from . import passes, pipelines, recipes
 from .api import ContractReport, compile, contract
 from .bench import LatencyStats, benchmark_onnx, compare_onnx
+from .cost import count_flops, count_parameters
 from .core import (
     ContractionError,
     DecayActivation,

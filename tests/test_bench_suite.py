@@ -15,6 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 import fxexpand
+from fxexpand.testing import randomize_bn
 from fxexpand.core import (
     fresh_name,
     has_module,
@@ -48,7 +49,7 @@ def bench_modules():
 def test_reference_formulas_match_fxexpand_float64(bench_modules, case):
     peers, _ = bench_modules
     torch.manual_seed(0)
-    net = peers.randomise_bn(peers.CASES[case](8), seed=3)
+    net = randomize_bn(peers.CASES[case](8), seed=3).eval()
     x = torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(1))
     r = peers.compare(net, x)
     scale = r["output_scale"]
@@ -208,7 +209,7 @@ def test_long_chain_contracts_exactly(bench_modules):
     _, scaling = bench_modules
     torch.manual_seed(0)
     x = torch.randn(1, scaling.C, scaling.SIDE, scaling.SIDE)
-    chain = scaling._randomise_bn(scaling._scale_init(scaling.ConvBNReLUChain(60)), 1)
+    chain = randomize_bn(scaling._scale_init(scaling.ConvBNReLUChain(60)), 1).eval()
     from fxexpand.passes import LinearExpand
 
     expanded = fxexpand.compile(chain, passes=[LinearExpand(mode="CL")]).eval()

@@ -1,0 +1,127 @@
+"""The shape docs/architecture.md promises, checked: layers (import-linter), passes using only
+public engine names, no function-local imports, one name per pass, a test file per pass."""
+
+import ast
+import inspect
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fxexpand
+import fxexpand.core as core
+import fxexpand.passes as passes
+from fxexpand.core import Pass
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "fxexpand"
+
+# function-local imports that are allowed: optional dependencies and documented lazy loads
+ALLOWED_LOCAL_IMPORTS = {
+    ("core/trace.py", "torchvision.ops"),  # torchvision is optional for the engine
+    ("train.py", "lightning.pytorch"),  # optional extra
+    ("train.py", "pytorch_lightning"),  # optional extra (old package name)
+    ("testing/__init__.py", "hypothesis.strategies"),  # dev extra
+}
+
+
+def _lint_imports(cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+    exe = shutil.which("lint-imports")
+    if exe is None:
+        pytest.fail("import-linter is a dev dependency: pip install -e '.[dev]'")
+    env = None
+    if pythonpath is not None:
+        import os
+
+        env = dict(os.environ, PYTHONPATH=str(pythonpath))
+    return subprocess.run([exe, "--config", str(cwd / "pyproject.toml")], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_import_linter_contracts_are_kept():
+    res = _lint_imports(ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "3 kept, 0 broken" in res.stdout
+
+
+def test_import_linter_catches_an_engine_importing_a_pass(tmp_path):
+    """The layers contract can fail: a copy of the package whose engine imports a pass is refused."""
+    shutil.copytree(PKG, tmp_path / "fxexpand", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    fx_py = tmp_path / "fxexpand" / "core" / "fx.py"
+    fx_py.write_text(fx_py.read_text() + "\nfrom fxexpand.passes import fold_batchnorm  # noqa\n")
+    res = _lint_imports(tmp_path, pythonpath=tmp_path)
+    assert res.returncode != 0
+    assert "fxexpand.core.fx -> fxexpand.passes" in res.stdout
+
+
+def _imports(path: Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node, tree
+
+
+def test_passes_import_only_public_core_names():
+    public = set(core.__all__)
+    for path in sorted((PKG / "passes").glob("*.py")):
+        for node, _ in _imports(path):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("fxexpand") for a in node.names), f"{path.name}: {ast.unparse(node)}"
+                continue
+            if node.level == 0:
+                assert not (node.module or "").startswith("fxexpand"), f"{path.name}: use relative imports of ..core"
+                continue
+            if node.level == 1:  # the package's own modules (only __init__ does this)
+                assert path.name == "__init__.py", f"{path.name} imports another pass module: {ast.unparse(node)}"
+                continue
+            assert node.level == 2 and node.module == "core", f"{path.name}: {ast.unparse(node)} (only ..core)"
+            bad = [a.name for a in node.names if a.name not in public]
+            assert not bad, f"{path.name} imports non-public core names {bad}"
+
+
+def test_no_function_local_imports():
+    found = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).as_posix()
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    mod = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                    if (rel, mod) not in ALLOWED_LOCAL_IMPORTS:
+                        found.append(f"{rel}:{node.lineno} {ast.unparse(node)}")
+    assert not found, "function-local imports (hoist them, or allow an optional dependency):\n" + "\n".join(found)
+
+
+def test_one_name_per_pass():
+    classes = [getattr(passes, n) for n in passes.__all__]
+    assert all(inspect.isclass(c) and issubclass(c, Pass) for c in classes)
+    assert len({id(c) for c in classes}) == len(classes), "a pass is exported under two names"
+    assert all(c.__name__ == n for c, n in zip(classes, passes.__all__))
+    # no alias anywhere in the package: every pass class is bound to its own name only
+    for c in classes:
+        module = sys.modules[c.__module__]
+        names = [k for k, v in vars(module).items() if v is c]
+        assert names == [c.__name__], f"{c.__name__} is also bound as {names}"
+    assert set(fxexpand.registered_passes().values()) == set(classes)
+
+
+@pytest.mark.parametrize("name", sorted(fxexpand.registered_passes()))
+def test_every_pass_has_its_test_file(name):
+    path = ROOT / "tests" / "passes" / f"test_{name}.py"
+    assert path.is_file(), f"missing {path.relative_to(ROOT)}"
+    text = path.read_text()
+    for what in ("def test_before_expected", "def test_negative", "float64", "float32", "assert_graph_matches"):
+        assert what in text, f"{path.name} has no `{what}` (Before/Expected, negative, float64 and float32 tests)"
+
+
+def test_pass_docstrings_state_pattern_and_preconditions():
+    for name in passes.__all__:
+        module_doc = sys.modules[getattr(passes, name).__module__].__doc__ or ""
+        assert name in module_doc.split("\n")[0], f"{name}: the module docstring starts with the pass name"
+        assert "Pattern" in module_doc or "pattern" in module_doc, f"{name}: no pattern in the docstring"
