@@ -163,13 +163,3 @@ def peak_rss_growth(fn) -> tuple[float, float]:
     del out
     growth = (peak - before) if (before is not None and peak is not None) else float("nan")
     return dt, growth
-
-
-def stats_ms(times_s) -> dict[str, Any]:
-    """Median, p10, p90, min, mean (ms) of a list of seconds, and the count."""
-    import numpy as np
-
-    a = np.asarray(times_s, dtype=np.float64) * 1e3
-    return {"median_ms": float(np.median(a)), "p10_ms": float(np.percentile(a, 10)),
-            "p90_ms": float(np.percentile(a, 90)), "min_ms": float(a.min()), "mean_ms": float(a.mean()),
-            "n": int(a.size)}

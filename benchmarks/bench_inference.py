@@ -18,7 +18,6 @@ node count of the ONNX file are reported.
 
 from __future__ import annotations
 
-import copy
 import gc
 import importlib.util
 import os
@@ -30,10 +29,10 @@ from typing import Any, Callable
 
 import torch
 import torchvision
+from _common import log, onnx_summary
 from torch import nn
 
 import fxexpand
-from _common import log, onnx_summary
 from fxexpand.models import SmallNet
 from fxexpand.testing import randomize_bn
 

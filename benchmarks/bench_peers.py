@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import log
 from torch import nn
 
 import fxexpand
-from _common import log
 from fxexpand.testing import randomize_bn
 
 

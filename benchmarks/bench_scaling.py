@@ -32,11 +32,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from _common import log, peak_rss_growth
 from torch import nn
 
 import fxexpand
 from fxexpand.passes import LinearExpand
-from _common import log, peak_rss_growth
 from fxexpand.testing import randomize_bn
 
 C, SIDE = 4, 8
@@ -85,7 +85,12 @@ def time_passes(expanded: nn.Module, x: torch.Tensor) -> dict[str, float]:
     """Seconds of each contraction pass, run in sequence (one round, as contract's first fixed-point
     round) on a traced, shape-propagated copy of the expanded chain (tracing is not timed here)."""
     from fxexpand.core import propagate_shapes
-    from fxexpand.passes import FoldBatchNorm, FuseLinear, RemoveIdentity, RestoreOriginal
+    from fxexpand.passes import (
+        FoldBatchNorm,
+        FuseLinear,
+        RemoveIdentity,
+        RestoreOriginal,
+    )
 
     gm = fxexpand.trace(copy.deepcopy(expanded).eval(), inline_regions=True)
     propagate_shapes(gm, (x,))
@@ -310,9 +315,8 @@ def bench_model(name: str, recipes: list[str], workdir: Path, *, seed: int = 0, 
     original (contract target "deploy": the same job as fuse), then per recipe: expand (compile),
     each expansion pass, each contraction pass, contract with and without verification, deploy, and
     ONNX export (with its onnxruntime check) of the contracted model."""
-    from torch.fx.experimental.optimization import fuse
-
     from bench_inference import MODELS, RECIPES, at_alpha1
+    from torch.fx.experimental.optimization import fuse
 
     build, side = MODELS[name]
     torch.manual_seed(seed)

@@ -23,11 +23,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from _common import log, peak_rss_growth
+from bench_inference import MODELS, RECIPES
 from torch import nn
 
 import fxexpand
-from _common import log, peak_rss_growth
-from bench_inference import MODELS, RECIPES
 
 BATCH = 32
 NETBOOSTER_PAPER_OVERHEAD = 0.325  # +32.5% training time per iteration (NetBooster paper, GPU, its setting)

@@ -33,12 +33,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_scaling as bs  # noqa: E402
 import torch  # noqa: E402
+from _common import loadavg, machine_info  # noqa: E402
 from torch import nn  # noqa: E402
 
 import fxexpand  # noqa: E402
-from _common import loadavg, machine_info  # noqa: E402
-import bench_scaling as bs  # noqa: E402
 
 
 def _t(fn) -> float:

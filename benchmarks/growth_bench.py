@@ -26,8 +26,9 @@ import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fxexpand  # noqa: E402
 from _common import ROOT, machine_info  # noqa: E402
+
+import fxexpand  # noqa: E402
 
 
 def make_data(n: int, shape: tuple[int, ...], classes: int, seed: int = 0):

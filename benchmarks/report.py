@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 BEFORE_FIX = HERE / "results" / "scaling_before_fix.json"

@@ -161,11 +161,10 @@ def run(a: argparse.Namespace) -> int:
         write_outputs(doc, out_dir, name, docs=not a.no_docs and out_dir.resolve() == (HERE / "results").resolve())
         return 0
 
-    import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     import report
+    import torch
     from _common import console, loadavg, machine_info
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     cfg = config(a)
     if a.torch_threads > 0:

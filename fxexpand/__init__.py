@@ -9,7 +9,6 @@ Entry points: :func:`trace`, :func:`compile`, :func:`contract`, :func:`verify`, 
 from . import passes, pipelines, recipes
 from .api import ContractReport, compile, contract
 from .bench import LatencyStats, benchmark_onnx, compare_onnx
-from .cost import count_flops, count_parameters
 from .core import (
     ContractionError,
     DecayActivation,
@@ -35,6 +34,7 @@ from .core import (
     trace,
     verify,
 )
+from .cost import count_flops, count_parameters
 from .ema import EMA
 from .export import export_onnx
 from .growth import GrowthPlan, Stage, find_chains, rebuild_optimizer

@@ -142,7 +142,7 @@ def save(
         raise ValueError(f"factory names look like 'package:function', got {factory!r}")
     made_with = get_record(model, Recipe)
     recipe = list(made_with.passes) if made_with is not None else []
-    if any(r is None for r in recipe):
+    if made_with is not None and not made_with.replayable:
         raise ValueError(
             "this expanded model was made with a pass whose arguments cannot be recorded as plain values "
             "(for example a targets predicate or an activation class); use registered passes with plain "

@@ -15,7 +15,6 @@ import torch.fx as fx
 from torch import nn
 
 import fxexpand
-from fxexpand.testing import randomize_bn
 from fxexpand.core import (
     fresh_name,
     has_module,
@@ -25,6 +24,7 @@ from fxexpand.core import (
     replace_nodes_with_module,
     set_traced_regions,
 )
+from fxexpand.testing import randomize_bn
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"

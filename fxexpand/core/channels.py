@@ -388,13 +388,13 @@ def resize(gm: fx.GraphModule, an: ChannelAnalysis, new_group_size: dict[str, in
             out_changes = in_changes
         if not (in_changes or out_changes):
             continue
+        random_rows = 0
         if la.kind == "bn":
             rep = _resize_bn(mod, la.inp, old, new)
         elif la.kind == "dw":
             rep = _resize_dw(mod, la.inp, old, new, gen)
         else:
-            rep = _resize_dense(mod, la, old, new, init, gen)
-        random_rows = rep.__dict__.pop("_fxexpand_random_rows", 0)
+            rep, random_rows = _resize_dense(mod, la, old, new, init, gen)
         set_module(gm, la.name, rep)
         changed[la.name] = {"kind": la.kind, "random_rows": random_rows}
     gm.recompile()
@@ -447,7 +447,10 @@ def _resize_dw(mod: nn.Module, lay: Layout, old, new, gen) -> nn.Module:
     return rep
 
 
-def _resize_dense(mod: nn.Module, la: Layer, old, new, init: str, gen) -> nn.Module:
+def _resize_dense(mod: nn.Module, la: Layer, old, new, init: str, gen) -> tuple[nn.Module, int]:
+    """The conv/linear rebuilt for the new widths, and how many new filters are random (not
+    orthogonal: the layer has fewer inputs x kernel entries than filters)."""
+    n_random = 0
     is_conv = la.kind == "conv"
     w_old = mod.weight
     cin_old = w_old.shape[1]
@@ -476,14 +479,13 @@ def _resize_dense(mod: nn.Module, la: Layer, old, new, init: str, gen) -> nn.Mod
         if cout > k_keep:
             rows, n_random = orthogonal_rows(w[:k_keep].flatten(1), cout - k_keep, scale, gen)
             w[k_keep:] = rows.view((cout - k_keep, cin) + kshape)
-            rep._fxexpand_random_rows = n_random
         rep.weight.copy_(w.to(w_old.dtype))
         if mod.bias is not None:
             b = _new_like(mod.bias, (cout,))
             b[:k_keep] = mod.bias[:k_keep]
             rep.bias.copy_(b)
     rep.train(mod.training)
-    return rep
+    return rep, n_random
 
 
 def _device(mod: nn.Module) -> torch.device:

@@ -23,7 +23,6 @@ import abc
 import copy
 import dataclasses
 import inspect
-import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,8 +50,6 @@ __all__ = [
     "registered_passes",
     "build_pass",
 ]
-
-logger = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, type["Pass"]] = {}
 

@@ -11,6 +11,9 @@ Rewrite: wrap it in :class:`~fxexpand.core.DecayActivation` with ``alpha = 0`` (
 
 At ``alpha = 1`` every wrapped activation is the identity and the region is linear, so
 :func:`fxexpand.contract` can fold it back into the original layer.
+
+Preconditions (``requires``): every region named in ``targets`` exists. Declared order: after
+the expansion passes (``after``), whose regions it decays.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ from torch import nn
 from ..core import (
     ACTIVATION_MODULES,
     DecayActivation,
-    ExpandedRegion,
     Pass,
-    PassError,
     PassResult,
+    PreconditionError,
+    find_regions,
     register_pass,
     set_module,
 )
@@ -62,13 +65,17 @@ class DecayActivations(Pass):
         if isinstance(self.targets, list):
             self.targets = tuple(self.targets)
 
-    def call(self, graph_module: fx.GraphModule) -> PassResult:
-        gm = graph_module
-        regions = {n: m for n, m in gm.named_modules() if isinstance(m, ExpandedRegion)}
+    def requires(self, graph_module: fx.GraphModule) -> None:
         if self.targets != "expanded":
+            regions = find_regions(graph_module)
             missing = [t for t in self.targets if t not in regions]
             if missing:
-                raise PassError(f"{self.name}: {missing} are not expanded regions (have: {sorted(regions)})")
+                raise PreconditionError(f"{self.name}: {missing} are not expanded regions (have: {sorted(regions)})")
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        gm = graph_module
+        regions = find_regions(gm)
+        if self.targets != "expanded":
             regions = {n: regions[n] for n in self.targets}
         notes = []
         modified = False

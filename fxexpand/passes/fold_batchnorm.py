@@ -81,7 +81,7 @@ class FoldBatchNorm(ScopedPass):
             if not ok:
                 continue
             where = f"{node_label(prev)} <- {node_label(node)}"
-            skip = self._check(gm, prev, node, calls, uses)
+            skip = self._check(gm, prev, calls, uses)
             if skip:
                 if skip != "-":
                     notes.append(self.note("skipped", where, skip))
@@ -98,7 +98,7 @@ class FoldBatchNorm(ScopedPass):
         return PassResult(gm, modified, notes)
 
     @staticmethod
-    def _check(gm: fx.GraphModule, prev: fx.Node, bn_node: fx.Node, calls, uses) -> str:
+    def _check(gm: fx.GraphModule, prev: fx.Node, calls, uses) -> str:
         is_transpose = prev.op == "call_module" and isinstance(get_module(gm, prev.target), _TRANSPOSE)
         op, reason = (None, "") if is_transpose else linear_op_of(gm, prev)
         if op is None and not is_transpose:

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import fxexpand
-from fxexpand.core import propagate_shapes
+from fxexpand.core import find_regions, propagate_shapes
 from fxexpand.testing import randomize_bn, rel_error
 
 
@@ -45,3 +45,21 @@ def check_equivalent(pass_factory, model, x, *, expect_modified=True):
     ref32, res32, _, xs32 = apply(pass_factory(), model, x, torch.float32)
     assert max_rel(ref32, res32.graph_module, xs32) <= 1e-5
     return res
+
+
+def expand_contract(passes, model: nn.Module, x: torch.Tensor, dtype, *, alpha: float = 1.0):
+    """Expand a ``dtype`` copy of ``model`` (randomised BatchNorm statistics) with ``passes()``,
+    randomise the statistics again (the blocks' BatchNorms too), set alpha and contract back to
+    the original architecture. Returns ``(original, expanded, contracted, restored, x)``, where
+    ``restored`` is a copy of the original model loaded strictly with the contracted state_dict."""
+    original = randomize_bn(copy.deepcopy(model).to(dtype).eval())
+    xs = x.to(dtype)
+    expanded = fxexpand.compile(original, passes=passes(), example_inputs=(xs,))
+    assert find_regions(expanded), "nothing was expanded"
+    randomize_bn(expanded, seed=1)
+    fxexpand.set_decay(expanded, alpha)
+    expanded.eval()
+    contracted = fxexpand.contract(expanded, (xs,))
+    restored = copy.deepcopy(original)
+    restored.load_state_dict(contracted.state_dict(), strict=True)
+    return original, expanded, contracted, restored, xs
