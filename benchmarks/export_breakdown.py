@@ -39,6 +39,7 @@ from _common import loadavg, machine_info  # noqa: E402
 from torch import nn  # noqa: E402
 
 import fxexpand  # noqa: E402
+from fxexpand.testing import randomize_bn  # noqa: E402
 
 
 def _t(fn) -> float:
