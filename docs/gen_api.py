@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 from pathlib import Path
 
 import fxexpand
+import fxexpand.core
 import fxexpand.passes
+import fxexpand.pipelines
 import fxexpand.testing
 import fxexpand.train
 
@@ -22,26 +25,34 @@ SECTIONS = [
     ("Schedules", fxexpand, ["LinearDecay", "set_decay", "get_decay"]),
     ("Training", fxexpand.train, ["DecaySchedule", "Trainer", "sync_buffers", "unwrap", "lightning_callback"]),
     ("Pass infrastructure", fxexpand, ["Pass", "PassResult", "PassManager", "Note", "register_pass",
-                                       "registered_passes", "get_pass"]),
-    ("Passes", fxexpand.passes, ["InsertInvertedResidualPass", "LinearExpandPass", "DecayActivationsPass",
-                                 "RemoveIdentityPass", "FoldBatchNormPass", "FuseLinearPass",
-                                 "RestoreOriginalPass", "VerifyPass"]),
+                                       "registered_passes", "get_pass", "build_pass"]),
+    ("Engine names for pass authors (fxexpand.core)", fxexpand.core, [
+        "ScopedPass", "required_arguments", "LinearOp", "linear_op_of", "bn_of", "shared_use", "bias_sink",
+        "replace_nodes_with_module", "propagate_shapes", "as_inputs", "select_targets", "compose", "sum_parallel",
+        "bn_as_op", "analyse", "resize"]),
+    ("Typed records (fxexpand.core)", fxexpand.core, [
+        "set_record", "get_record", "ModuleRenames", "ParameterOrigins", "Recipe", "GrowthRecord", "ChainRecord",
+        "ModelFactory"]),
+    ("Pipelines", fxexpand.pipelines, ["contraction", "depth_growth", "width_growth"]),
+    ("Passes", fxexpand.passes, ["InsertInvertedResidual", "LinearExpand", "DecayActivations",
+                                 "RemoveIdentity", "FoldBatchNorm", "FuseLinear",
+                                 "RestoreOriginal", "Verify"]),
     ("Network Expansion (growth)", fxexpand, ["GrowthPlan", "Stage", "EMA", "find_chains", "rebuild_optimizer"]),
-    ("Growth passes", fxexpand.passes, ["InsertEMABlocksPass", "GrowWidthPass"]),
+    ("Growth passes", fxexpand.passes, ["InsertEMABlocks", "GrowWidth"]),
     ("Modules and reports", fxexpand, ["ExpandedRegion", "DecayActivation", "ContractReport", "VerifyReport",
                                        "LatencyStats"]),
     ("Recipes", fxexpand.recipes, ["netbooster", "expandnets"]),
     ("Testing (import fxexpand.testing)", fxexpand.testing, ["random_model", "models", "seeds", "RandomCase",
                                                           "check_expansion", "check_deploy", "check_pass",
-                                                          "check_verify_each", "CheckResult", "BreakOutputPass"]),
+                                                          "check_verify_each", "CheckResult", "BreakOutputPass",
+                                                          "randomize_bn", "rel_error", "snapshot", "assert_unchanged",
+                                                          "graph_signature", "assert_graph_matches"]),
     ("Errors", fxexpand, ["FxExpandError", "TraceError", "PassError", "PreconditionError", "PostconditionError",
                           "EquivalenceError", "ContractionError", "ExportError", "LoadError", "InputError"]),
 ]
 
 
 def _sig(obj) -> str:
-    import re
-
     try:
         sig = str(inspect.signature(obj))
     except (TypeError, ValueError):

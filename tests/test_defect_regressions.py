@@ -10,7 +10,7 @@ import fxexpand
 import fxexpand.testing as ft
 from fxexpand import ContractionError, InputError, PassError, PassManager
 from fxexpand.core import Pass
-from fxexpand.passes import FoldBatchNorm, InsertInvertedResidual, LinearExpand
+from fxexpand.passes import FoldBatchNorm, InsertInvertedResidual
 
 
 class TCResNetLike(nn.Module):
@@ -140,8 +140,8 @@ def test_passes_without_required_arguments_build_by_name():
 def test_manager_refuses_an_order_that_breaks_a_declared_constraint():
     with pytest.raises(PassError, match="fold_batchnorm must run before restore_original"):
         PassManager(passes=[fxexpand.passes.RestoreOriginal(), FoldBatchNorm()])
-    with pytest.raises(PassError, match="linear_expand must run before decay_activations"):
-        PassManager(passes=[fxexpand.passes.DecayActivations(), LinearExpand()])
+    with pytest.raises(PassError, match="fuse_linear must run before restore_original"):
+        PassManager(passes=[fxexpand.passes.RestoreOriginal(), fxexpand.passes.FuseLinear()])
     with pytest.raises(PassError, match="fold_batchnorm must run before remove_identity"):
         PassManager(passes=[fxexpand.passes.RemoveIdentity(), FoldBatchNorm()],
                     constraints=[("fold_batchnorm", "remove_identity")])

@@ -5,7 +5,16 @@ from pathlib import Path
 
 import pytest
 
+from fxexpand.core import infra
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _doc_passes_stay_local(monkeypatch):
+    """Examples register passes of their own (``my_pass``, ``remove_unit_scale``); the registry the
+    other tests see (tests/test_architecture.py compares it with fxexpand.passes) stays as it was."""
+    monkeypatch.setattr(infra, "_REGISTRY", dict(infra._REGISTRY))
 
 
 def _blocks(path: Path) -> list[str]:
@@ -35,6 +44,22 @@ def test_guide_examples_run(doc, block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = _blocks(ROOT / "docs" / doc)[block]
     exec(compile(code, f"{doc}[{block}]", "exec"), {"__name__": "__doc__"})
+
+
+def test_architecture_worked_example_runs(tmp_path, monkeypatch):
+    """docs/architecture.md's blocks (a pass module, its test file, its use) run in order in one
+    namespace; then every ``test_*`` function the page defines is called, as pytest would."""
+    blocks = _blocks(ROOT / "docs" / "architecture.md")
+    assert len(blocks) >= 3, "architecture.md has the worked example: pass, tests, use"
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__architecture__"}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"architecture.md[{i}]", "exec"), namespace)
+    tests = {name: fn for name, fn in namespace.items() if name.startswith("test_") and callable(fn)}
+    assert {"test_before_expected", "test_float64_same_function", "test_float32_same_function"} <= set(tests)
+    assert any(name.startswith("test_negative") for name in tests)
+    for fn in tests.values():
+        fn()
 
 
 def test_api_reference_is_current():

@@ -133,8 +133,14 @@ def test_activation_defaults_to_the_models():
 
 def test_bias_without_following_bn_cannot_be_absorbed():
     model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.ReLU())
-    e = fxexpand.compile(model, passes=[InsertInvertedResidual(targets=["0"]), DecayActivations()])
-    fxexpand.set_decay(e, 1.0)
+    # the pass decides at selection that the region could not be contracted, and says why
+    with pytest.raises(PassError, match="cannot expand 0 .*bias=False.*no BatchNorm"):
+        fxexpand.compile(model, passes=[InsertInvertedResidual(targets=["0"]), DecayActivations()])
+    # a region built by other means still gets a clear refusal from contract
+    e = fxexpand.compile(model, passes=[])
+    block = InsertInvertedResidual().build_block(e.get_submodule("0"), nn.Identity())
+    e.add_submodule("0", fxexpand.ExpandedRegion(block, e.get_submodule("0"), method="by hand"))
+    e.recompile()
     randomize_bn(e)
     with pytest.raises(ContractionError, match="absorb"):
         fxexpand.contract(e, (torch.randn(1, 3, 5, 5),))
@@ -269,8 +275,8 @@ def test_linear_decay_schedule_and_state_dict_round_trip():
     assert fxexpand.get_decay(e) == pytest.approx(0.1)
     sched2.load_state_dict(sched.state_dict())
     assert fxexpand.get_decay(e2) == pytest.approx(0.1)
-    with pytest.raises(ValueError):
-        fxexpand.LinearDecay(model, total_steps=10)  # no decaying activations
+    plain = fxexpand.LinearDecay(model, total_steps=10)  # no decaying activations: only counts steps
+    assert plain.step() == 1.0 and plain.global_step == 1
     with pytest.raises(ValueError):
         fxexpand.set_decay(e, 1.5)
 

@@ -12,8 +12,8 @@ Rewrite: wrap it in :class:`~fxexpand.core.DecayActivation` with ``alpha = 0`` (
 At ``alpha = 1`` every wrapped activation is the identity and the region is linear, so
 :func:`fxexpand.contract` can fold it back into the original layer.
 
-Preconditions (``requires``): every region named in ``targets`` exists. Declared order: after
-the expansion passes (``after``), whose regions it decays.
+Preconditions (``requires``): every region named in ``targets`` exists. It decays the regions
+that exist when it runs, so it goes after the expansion passes whose regions it should decay.
 """
 
 from __future__ import annotations
@@ -49,8 +49,6 @@ class DecayActivations(Pass):
         targets: "expanded" (every expanded region) or a list of region qualified names.
         kind: "auto", "leaky" or "blend".
     """
-
-    after = ("insert_inverted_residual", "linear_expand")
 
     targets: Any = "expanded"
     kind: Literal["auto", "leaky", "blend"] = "auto"

@@ -51,7 +51,8 @@ def expand_contract(passes, model: nn.Module, x: torch.Tensor, dtype, *, alpha: 
     """Expand a ``dtype`` copy of ``model`` (randomised BatchNorm statistics) with ``passes()``,
     randomise the statistics again (the blocks' BatchNorms too), set alpha and contract back to
     the original architecture. Returns ``(original, expanded, contracted, restored, x)``, where
-    ``restored`` is a copy of the original model loaded strictly with the contracted state_dict."""
+    ``restored`` is a copy of the original model loaded strictly with the contracted state_dict
+    (None if ``model`` itself contains expanded regions)."""
     original = randomize_bn(copy.deepcopy(model).to(dtype).eval())
     xs = x.to(dtype)
     expanded = fxexpand.compile(original, passes=passes(), example_inputs=(xs,))
@@ -60,6 +61,8 @@ def expand_contract(passes, model: nn.Module, x: torch.Tensor, dtype, *, alpha: 
     fxexpand.set_decay(expanded, alpha)
     expanded.eval()
     contracted = fxexpand.contract(expanded, (xs,))
-    restored = copy.deepcopy(original)
-    restored.load_state_dict(contracted.state_dict(), strict=True)
+    restored = None
+    if not find_regions(original):  # a model that already had regions has no plain original to reload
+        restored = copy.deepcopy(original)
+        restored.load_state_dict(contracted.state_dict(), strict=True)
     return original, expanded, contracted, restored, xs
