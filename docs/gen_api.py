@@ -44,7 +44,7 @@ SECTIONS = [
     ("Recipes", fxexpand.recipes, ["netbooster", "expandnets"]),
     ("Testing (import fxexpand.testing)", fxexpand.testing, ["random_model", "models", "seeds", "RandomCase",
                                                           "check_expansion", "check_deploy", "check_pass",
-                                                          "check_verify_each", "CheckResult", "BreakOutputPass",
+                                                          "check_verify_each", "CheckResult", "BreakOutput",
                                                           "randomize_bn", "rel_error", "snapshot", "assert_unchanged",
                                                           "graph_signature", "assert_graph_matches"]),
     ("Errors", fxexpand, ["FxExpandError", "TraceError", "PassError", "PreconditionError", "PostconditionError",

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 import fxexpand
 from fxexpand import LoadError
@@ -80,3 +81,23 @@ def test_unrecordable_recipe_cannot_be_saved(tmp_path):
     with pytest.raises(ValueError, match="cannot be recorded"):
         fxexpand.save(e, tmp_path / "e.pt")
     assert not (tmp_path / "e.pt").exists()
+
+
+def test_torch_save_round_trips_fxexpand_graph_modules(tmp_path):
+    """DESIGN: provenance survives torch.save. The tracer rebuilds with no arguments, and the
+    weak references of ParameterOrigins are not pickled (torch.save of a compiled model raised)."""
+    from fxexpand.core import Recipe, find_regions, get_record
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 5, 5)
+    compiled = fxexpand.compile(model, passes=fxexpand.recipes.netbooster(targets=None, fraction=1.0))
+    for gm in (fxexpand.trace(model), compiled, fxexpand.contract(model, (x,))):
+        torch.save(gm, tmp_path / "gm.pt")
+        loaded = torch.load(tmp_path / "gm.pt", weights_only=False)
+        assert rel_error(gm.eval()(x), loaded.eval()(x)) == 0.0
+    torch.save(compiled, tmp_path / "compiled.pt")
+    loaded = torch.load(tmp_path / "compiled.pt", weights_only=False)
+    assert set(find_regions(loaded)) == set(find_regions(compiled)) == {"0"}
+    assert get_record(loaded, Recipe) == get_record(compiled, Recipe)
+    fxexpand.set_decay(loaded, 1.0)
+    model.load_state_dict(fxexpand.contract(loaded.eval(), (x,)).state_dict())

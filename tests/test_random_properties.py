@@ -89,7 +89,7 @@ def test_check_pass_catches_a_wrong_pass():
     """The property has teeth: a pass that changes the function fails check_pass."""
     model, inputs = ft.random_model(3)
     with pytest.raises(AssertionError, match="relative error"):
-        ft.check_pass(lambda: ft.BreakOutputPass(), model, inputs)
+        ft.check_pass(lambda: ft.BreakOutput(), model, inputs)
 
 
 # -- regressions found by the generator (seeds of the generator as committed with this file) --------

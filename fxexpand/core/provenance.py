@@ -190,11 +190,16 @@ class ModuleRenames:
 class ParameterOrigins:
     """For each parameter/buffer of a compiled model, the tensor of the input model it continues:
     ``origin[name] = (old name, weakref to the old tensor)``; ``copied_from[name]`` names the tensor
-    a new parameter was copied from. Transient (weak references do not pickle); used by
+    a new parameter was copied from. Transient (not deep-copied; pickled empty); used by
     :func:`fxexpand.rebuild_optimizer` and :class:`fxexpand.EMA` after growth."""
 
     origin: dict[str, tuple[str, weakref.ref]] = field(default_factory=dict)
     copied_from: dict[str, str] = field(default_factory=dict)
+
+    def __reduce__(self):
+        # weak references to another model's tensors mean nothing in another process: a pickled
+        # model (torch.save) carries an empty record
+        return (ParameterOrigins, ())
 
 
 @dataclass

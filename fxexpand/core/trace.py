@@ -1,7 +1,7 @@
 """Symbolic tracing with clear errors.
 
 :func:`trace` wraps :class:`torch.fx.Tracer`. When tracing fails (data-dependent control flow,
-unsupported Python, ...) it raises :class:`~fxexpand.errors.TraceError` naming the innermost module
+unsupported Python, ...) it raises :class:`~fxexpand.core.TraceError` naming the innermost module
 being traced, the source line in *your* code where tracing stopped, and the two remedies torch.fx
 offers: mark the module as a leaf (``leaf_modules=``) or fix the offending argument
 (``concrete_args=``).
@@ -32,7 +32,8 @@ _OWN_DIR = os.path.dirname(__file__) + os.sep
 
 
 class _FxExpandTracer(fx.Tracer):
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]):
+    # defaults: torch.fx rebuilds a pickled GraphModule by tracing with ``tracer_cls()`` (no arguments)
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset()):
         super().__init__()
         self._leaf_types = leaf_types
         self._leaf_names = leaf_names

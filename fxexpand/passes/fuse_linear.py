@@ -3,7 +3,7 @@
 Patterns (every op as ``call_module`` or ``call_function`` with constant parameters):
 
 * sequential: ``B(A(x))`` with A, B convs of the same dimensionality (any kernel, stride, dilation,
-  groups, bias) or both linear → one op (``compose`` in ``_algebra``; padding only on the first conv,
+  groups, bias) or both linear → one op (``compose`` in :mod:`fxexpand.core.algebra`; padding only on the first conv,
   rule 1; stride grows the kernel to ``k1 + s1·(k2-1)``, rule 2; groups composed per block, rule 3);
 * parallel: ``A(x) + B(x)`` → one op whose kernel is the aligned sum (RepVGG-style branches);
 * identity residual: ``x + A(x)`` with A stride 1 and ``C_in == C_out`` → A plus the identity

@@ -23,7 +23,7 @@ import torch
 from ._checks import (
     CONTRACTION_PASSES,
     EXPANSIONS,
-    BreakOutputPass,
+    BreakOutput,
     CheckResult,
     check_deploy,
     check_expansion,
@@ -43,7 +43,7 @@ from ._helpers import (
 
 __all__ = [
     "random_model", "RandomNet", "RandomBlock", "LIMITS", "RandomCase", "seeds", "models",
-    "check_expansion", "check_deploy", "check_pass", "check_verify_each", "BreakOutputPass", "CheckResult",
+    "check_expansion", "check_deploy", "check_pass", "check_verify_each", "BreakOutput", "CheckResult",
     "EXPANSIONS", "CONTRACTION_PASSES",
     "randomize_bn", "rel_error", "snapshot", "assert_unchanged", "graph_signature", "assert_graph_matches",
     "fuzz", "fuzz_case", "make_corpus", "mutate",

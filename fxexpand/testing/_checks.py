@@ -46,7 +46,7 @@ __all__ = [
     "check_deploy",
     "check_pass",
     "check_verify_each",
-    "BreakOutputPass",
+    "BreakOutput",
 ]
 
 RTOL64 = 1e-9
@@ -248,7 +248,7 @@ def check_pass(pass_factory: Callable[[], Pass] | str, model: nn.Module, example
                        {"float64": e})
 
 
-class BreakOutputPass(Pass):
+class BreakOutput(Pass):
     """A deliberately wrong pass (for testing ``verify_each``): scales the model's output by 1.001
     and adds 1e-3, an error the float32 check (rtol 1e-4) must catch."""
 
@@ -264,12 +264,12 @@ class BreakOutputPass(Pass):
 
 
 def check_verify_each(model: nn.Module, example_inputs: tuple, position: int) -> CheckResult:
-    """``PassManager(verify_each=True)`` names :class:`BreakOutputPass` (injected at ``position``
+    """``PassManager(verify_each=True)`` names :class:`BreakOutput` (injected at ``position``
     among the contraction passes) as the first pass that changed the function, and no other."""
 
     good = [RemoveIdentity(), FoldBatchNorm(), FuseLinear()]
     position = position % (len(good) + 1)
-    passes = good[:position] + [BreakOutputPass()] + good[position:]
+    passes = good[:position] + [BreakOutput()] + good[position:]
     m = copy.deepcopy(model).eval()
 
     gm = trace(m)
@@ -279,8 +279,8 @@ def check_verify_each(model: nn.Module, example_inputs: tuple, position: int) ->
         pm(gm)
     except EquivalenceError as e:
         msg = str(e)
-        _require(msg.startswith("pass BreakOutputPass changed the model's function"), msg)
+        _require(msg.startswith("pass BreakOutput changed the model's function"), msg)
         before = ", ".join(p.name for p in good[:position]) or "none"
         _require(f"passes run before it: {before})" in msg, msg)
-        return CheckResult("verify_each", "ok", f"named BreakOutputPass at position {position}")
-    raise AssertionError("verify_each did not catch the injected BreakOutputPass")
+        return CheckResult("verify_each", "ok", f"named BreakOutput at position {position}")
+    raise AssertionError("verify_each did not catch the injected BreakOutput")

@@ -3,9 +3,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fxexpand
+from fxexpand import ExpandedRegion
 from fxexpand.passes import FoldBatchNorm
+from fxexpand.testing import assert_graph_matches, randomize_bn
 
-from ._util import apply, check_equivalent, op_types
+from ._util import apply, check_equivalent, max_rel, op_types
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 class ConvBN(nn.Module):
@@ -126,3 +131,93 @@ def test_expanded_scope_leaves_plain_model_alone():
     model = ConvBN(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     _, res, before, _ = apply(FoldBatchNorm(scope="expanded"), model, torch.randn(2, 3, 8, 8))
     assert not res.modified and res.graph_module.code == before
+
+
+# -- Before / Expected -----------------------------------------------------------------------------
+class Before(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.up = nn.ConvTranspose2d(6, 4, 2, stride=2)
+        self.bn_up = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 5)
+        self.bn_fc = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        y = F.relu(self.bn_up(self.up(y)))
+        return self.bn_fc(self.fc(y.mean((2, 3))))
+
+
+class Expected(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=True)  # the folded conv gains a bias
+        self.up = nn.ConvTranspose2d(6, 4, 2, stride=2)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        y = F.relu(self.up(y))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_before_expected_conv_transpose_and_linear():
+    _, res, _, _ = apply(FoldBatchNorm(), Before(), torch.randn(2, 3, 9, 11))
+    assert_graph_matches(res.graph_module, Expected())
+    assert [n.where for n in res.notes] == ["conv <- bn", "up <- bn_up", "fc <- bn_fc"]
+
+
+def test_before_expected_functional_form():
+    class E(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            return F.relu(self.conv(x))
+
+    _, res, _, _ = apply(FoldBatchNorm(), FunctionalConvBN(), torch.randn(2, 3, 10, 10))
+    assert_graph_matches(res.graph_module, E())  # no get_attr of the old tensors is left behind
+
+
+# -- numeric, float64 and float32 -----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_every_site_folds_exactly(dtype):
+    ref, res, _, x = apply(FoldBatchNorm(), Before(), torch.randn(3, 3, 9, 11), dtype)
+    assert not any("BatchNorm" in t for t in op_types(res.graph_module))
+    assert max_rel(ref, res.graph_module, x) <= TOL[dtype]
+
+
+class InAndOut(nn.Module):
+    """A conv + BN inside an expanded region and one outside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.r = ExpandedRegion(nn.Sequential(nn.Conv2d(3, 5, 3, padding=1, groups=1), nn.BatchNorm2d(5),
+                                              nn.Conv2d(5, 4, 1, bias=False)), nn.Conv2d(3, 4, 3, padding=1))
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, groups=2), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(self.r(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_expanded_scope_folds_inside_regions_only(dtype):
+    ref = InAndOut().to(dtype).eval()
+    randomize_bn(ref)
+    x = torch.randn(2, 3, 8, 7, dtype=dtype)
+    gm = fxexpand.trace(ref, inline_regions=True)
+    res = FoldBatchNorm(scope="expanded")(gm)
+    res.graph_module.recompile()
+    assert [n.where for n in res.notes if n.action == "folded"] == ["r.body.0 <- r.body.1"]
+    assert op_types(res.graph_module) == ["Conv2d", "Conv2d", "Conv2d", "BatchNorm2d"]
+    assert max_rel(ref, res.graph_module, x) <= TOL[dtype]
+
+
+def test_negative_grouped_conv_transpose_is_not_folded():
+    model = ConvBN(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), nn.BatchNorm2d(6))
+    _, res, before, _ = apply(FoldBatchNorm(), model, torch.randn(1, 4, 5, 5))
+    assert not res.modified and res.graph_module.code == before
+    assert any("grouped ConvTranspose" in n.reason for n in res.notes)

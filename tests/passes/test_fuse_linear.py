@@ -6,11 +6,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxexpand
+from fxexpand.core import propagate_shapes
 from fxexpand.passes import FoldBatchNorm, FuseLinear
+from fxexpand.testing import assert_graph_matches
 
 from ._util import apply, check_equivalent, max_rel, op_types
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 def n_linear_ops(gm) -> int:
@@ -238,6 +241,100 @@ def test_three_branches_and_identity_reach_one_op():
     small = fxexpand.contract(model, (x,), target="deploy")
     assert n_linear_ops(small) == 1
     assert max_rel(model, small, x) <= 1e-10
+
+
+# -- Before / Expected -----------------------------------------------------------------------------
+class SeqBefore(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1, bias=False)
+        self.b = nn.Conv2d(8, 5, 3, stride=2)
+        self.c = nn.Conv2d(5, 5, 3, padding=1)  # after a ReLU: not fused
+
+    def forward(self, x):
+        return self.c(F.relu(self.b(self.a(x))))
+
+
+class SeqExpected(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ab = nn.Conv2d(3, 5, 3, stride=2, bias=True)
+        self.c = nn.Conv2d(5, 5, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(F.relu(self.ab(x)))
+
+
+def test_before_expected_sequential():
+    _, res, _, _ = apply(FuseLinear(), SeqBefore(), torch.randn(2, 3, 9, 8))
+    assert_graph_matches(res.graph_module, SeqExpected())
+    assert [(n.action, n.where) for n in res.notes] == [("fused", "a -> b")]
+
+
+class RepVGGBefore(nn.Module):
+    """RepVGG's training-time block: 3x3 + 1x1 + BN identity branch."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.k3, self.k1, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(self.k3(x) + self.k1(x) + self.bn(x))
+
+
+class RepVGGExpected(nn.Module):
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=True)
+
+    def forward(self, x):
+        return F.relu(self.conv(x))
+
+
+def test_before_expected_parallel_branches_with_bn_identity():
+    _, res, _, _ = apply(FuseLinear(), RepVGGBefore(), torch.randn(2, 4, 7, 6))
+    assert_graph_matches(res.graph_module, RepVGGExpected())
+
+
+# -- BN branch, float64 and float32 ---------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_bn_branch_fuses_exactly(dtype):
+    ref, res, _, x = apply(FuseLinear(), RepVGGBefore(6), torch.randn(2, 6, 9, 7), dtype)
+    assert op_types(res.graph_module) == ["Conv2d", "relu"]
+    assert max_rel(ref, res.graph_module, x) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_linear_plus_bn1d_branch_fuses_exactly(dtype):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(5, 5), nn.BatchNorm1d(5)
+
+        def forward(self, x):
+            return self.bn(x) + self.fc(x)
+
+    ref, res, _, x = apply(FuseLinear(), M(), torch.randn(7, 5), dtype)
+    assert op_types(res.graph_module) == ["Linear"]
+    assert max_rel(ref, res.graph_module, x) <= TOL[dtype]
+
+
+def test_negative_bn_branch_in_training_mode_or_on_3d_linear_is_refused():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(5, 5), nn.BatchNorm1d(5)
+
+        def forward(self, x):
+            return self.fc(x) + self.bn(x)
+
+    # (N, 5, 5): BatchNorm1d normalises dim 1, the linear acts on the last dim
+    _, res, before, _ = apply(FuseLinear(), M(), torch.randn(2, 5, 5))
+    assert not res.modified and res.graph_module.code == before
+    gm = fxexpand.trace(RepVGGBefore().train())
+    propagate_shapes(gm, (torch.randn(2, 4, 6, 6),))
+    res = FuseLinear()(gm)
+    assert "BatchNorm2d" in op_types(res.graph_module)  # a training-mode BN is not an affine map
 
 
 # -- property test over random conv chains -----------------------------------------------------

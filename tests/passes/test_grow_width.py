@@ -12,7 +12,13 @@ from torch import nn
 import fxexpand
 from fxexpand.core import GrowthRecord, get_record, set_record
 from fxexpand.passes import GrowWidth
-from fxexpand.testing import assert_graph_matches, assert_unchanged, randomize_bn, rel_error, snapshot
+from fxexpand.testing import (
+    assert_graph_matches,
+    assert_unchanged,
+    randomize_bn,
+    rel_error,
+    snapshot,
+)
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
