@@ -1,20 +1,26 @@
 """The Python examples in README.md and docs/ run as written."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from fxexpand.core import infra
+import fxexpand
+from fxexpand.core import unregister_pass
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _doc_passes_stay_local(monkeypatch):
+def _doc_passes_stay_local():
     """Examples register passes of their own (``my_pass``, ``remove_unit_scale``); the registry the
     other tests see (tests/test_architecture.py compares it with fxexpand.passes) stays as it was."""
-    monkeypatch.setattr(infra, "_REGISTRY", dict(infra._REGISTRY))
+    before = set(fxexpand.registered_passes())
+    yield
+    for name in set(fxexpand.registered_passes()) - before:
+        unregister_pass(name)
 
 
 def _blocks(path: Path) -> list[str]:
@@ -34,6 +40,7 @@ def test_tracing_doc_examples_run(block, tmp_path, monkeypatch):
     code = _blocks(ROOT / "docs" / "tracing.md")[block]
     if "model" in code and "fxexpand.trace(model" in code and "class " not in code:
         pytest.skip("a usage sketch with placeholder names, not a complete example")
+    assert "assert " in code, "an executed example states what it shows (an assert), or it tests nothing"
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"tracing.md[{block}]", "exec"), {"__name__": "__doc__"})
 
@@ -43,6 +50,7 @@ def test_tracing_doc_examples_run(block, tmp_path, monkeypatch):
 def test_guide_examples_run(doc, block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = _blocks(ROOT / "docs" / doc)[block]
+    assert "assert " in code, "an executed example states what it shows (an assert), or it tests nothing"
     exec(compile(code, f"{doc}[{block}]", "exec"), {"__name__": "__doc__"})
 
 
@@ -63,9 +71,6 @@ def test_architecture_worked_example_runs(tmp_path, monkeypatch):
 
 
 def test_api_reference_is_current():
-    import subprocess
-    import sys
-
     proc = subprocess.run([sys.executable, str(ROOT / "docs" / "gen_api.py"), "--check"], capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

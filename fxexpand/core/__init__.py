@@ -68,6 +68,7 @@ from .infra import (
     register_pass,
     registered_passes,
     required_arguments,
+    unregister_pass,
 )
 from .modules import DecayActivation, Residual
 from .ops import (
@@ -144,7 +145,7 @@ __all__ = [
     "propagate_shapes", "replace_nodes_with_module", "set_module",
     # infra
     "Note", "Pass", "PassManager", "PassResult", "ScopedPass", "build_pass", "get_pass", "register_pass",
-    "registered_passes", "required_arguments",
+    "registered_passes", "required_arguments", "unregister_pass",
     # modules
     "DecayActivation", "Residual",
     # ops

@@ -46,6 +46,7 @@ __all__ = [
     "PassManager",
     "ScopedPass",
     "register_pass",
+    "unregister_pass",
     "get_pass",
     "registered_passes",
     "build_pass",
@@ -94,6 +95,13 @@ def register_pass(name: str) -> Callable[[type["Pass"]], type["Pass"]]:
         return cls
 
     return deco
+
+
+def unregister_pass(name: str) -> None:
+    """Remove a registered name (e.g. a pass a test or a notebook registered); unknown names are ignored."""
+    cls = _REGISTRY.pop(name, None)
+    if cls is not None and cls.registered_name == name:
+        cls.registered_name = ""
 
 
 def registered_passes() -> dict[str, type["Pass"]]:

@@ -181,12 +181,12 @@ ROUND_TRIP = {
 def test_round_trip_at_alpha_one_contracts(case, dtype):
     factory, shape, kind = ROUND_TRIP[case]
     if kind is None:  # the model already has a region: only wrap its activations
-        passes = lambda: [DecayActivations()]  # noqa: E731
+        passes = lambda: [DecayActivations()]
     else:
-        passes = lambda: [InsertInvertedResidual(ratio=2, fraction=1.0, kernel_size="match"),  # noqa: E731
+        passes = lambda: [InsertInvertedResidual(ratio=2, fraction=1.0, kernel_size="match"),
                           DecayActivations(kind=kind)]
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    original, expanded, small, restored, xs = expand_contract(passes, factory(), x, dtype)
+    _, expanded, small, restored, xs = expand_contract(passes, factory(), x, dtype)
     assert any(isinstance(m, DecayActivation) for m in expanded.modules())
     with torch.no_grad():
         ref = expanded(xs)

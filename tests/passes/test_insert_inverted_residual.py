@@ -183,7 +183,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 def test_round_trip_contracts_to_the_original_layer(case, dtype):
     factory, shape, kernel_size, shortcut = CASES[case]
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    passes = lambda: [InsertInvertedResidual(ratio=3, fraction=1.0, kernel_size=kernel_size),  # noqa: E731
+    passes = lambda: [InsertInvertedResidual(ratio=3, fraction=1.0, kernel_size=kernel_size),
                       DecayActivations()]
     original, expanded, small, restored, xs = expand_contract(passes, factory(), x, dtype)
     region = find_regions(expanded)["0"]

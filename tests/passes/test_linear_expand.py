@@ -206,7 +206,7 @@ ROUND_TRIP = {
 def test_random_init_round_trip_contracts_to_the_original_layer(case, dtype):
     factory, shape, mode = ROUND_TRIP[case]
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    original, expanded, small, restored, xs = expand_contract(lambda: [LinearExpand(mode=mode, ratio=2)],
+    _, expanded, small, restored, xs = expand_contract(lambda: [LinearExpand(mode=mode, ratio=2)],
                                                               factory(), x, dtype)
     with torch.no_grad():
         ref = expanded(xs)

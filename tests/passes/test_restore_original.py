@@ -80,7 +80,7 @@ def test_before_expected_regions_become_the_original_layers():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_restored_model_computes_the_expanded_function(dtype):
     x = torch.randn(2, 3, 11, 9, dtype=dtype, generator=torch.Generator().manual_seed(0))
-    model, expanded = expanded_net(dtype)
+    _, expanded = expanded_net(dtype)
     gm = contracted_graph(expanded, x)
     mean_before = gm.bn1.running_mean.clone()
     res = RestoreOriginal()(gm)

@@ -103,7 +103,7 @@ def test_negative_bad_inputs_and_arguments():
 
 
 def test_negative_output_shape_differs():
-    ref, gm, x = folded(torch.float64)
+    ref, _, x = folded(torch.float64)
     other = fxexpand.trace(nn.Sequential(nn.Conv2d(3, 5, 3, stride=1, padding=1)).double())
     with pytest.raises(fxexpand.EquivalenceError, match="shape"):
         Verify(reference=ref, example_inputs=(x,))(other)
