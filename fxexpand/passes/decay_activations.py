@@ -78,8 +78,11 @@ class DecayActivations(Pass):
         notes = []
         modified = False
         for rname, region in regions.items():
-            for name, m in list(region.body.named_modules()):
-                if not isinstance(m, ACTIVATION_MODULES) or isinstance(m, DecayActivation):
+            modules = list(region.body.named_modules())
+            # the activation an existing DecayActivation wraps is decayed already: never wrap it twice
+            wrapped = {f"{n}.activation" if n else "activation" for n, m in modules if isinstance(m, DecayActivation)}
+            for name, m in modules:
+                if not isinstance(m, ACTIVATION_MODULES) or isinstance(m, DecayActivation) or name in wrapped:
                     continue
                 kind = self.kind
                 if kind == "auto":

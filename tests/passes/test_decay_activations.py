@@ -125,9 +125,6 @@ def test_negative_no_regions_missing_targets_and_bad_arguments():
         DecayActivations(targets=3)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a second run wraps the activation *inside* each DecayActivation "
-                   "(named_modules() yields its .activation child), nesting DecayActivation(DecayActivation(act)): "
-                   "new state_dict keys and set_decay(m, a) then computes alpha 1-(1-a)^2")
 def test_negative_already_wrapped_activations_are_not_wrapped_twice():
     gm = DecayActivations()(fxexpand.trace(Before())).graph_module
     keys = set(gm.state_dict())
