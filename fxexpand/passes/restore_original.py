@@ -10,6 +10,11 @@ node at it, so the contracted model's state_dict keys and shapes are the origina
 A fused bias where the original layer has none (it comes from BatchNorms inside the region) is
 absorbed into the following BatchNorm: ``BN(y + b) = BN'(y)`` with ``running_mean' = running_mean − b``.
 If no such BatchNorm follows, contraction fails with :class:`~fxexpand.core.ContractionError`.
+
+Preconditions (all regions are checked before any is rewritten, so a refusal leaves the graph
+unchanged): each region contracted to a single conv/linear whose weight shape, stride, padding,
+dilation and groups are the original layer's, and a bias the original layer cannot hold has a
+BatchNorm to go to.
 Run it after RemoveIdentity / FoldBatchNorm / FuseLinear have reached a fixed point with
 ``scope="expanded"``.
 """
@@ -63,6 +68,8 @@ class RestoreOriginal(Pass):
             if r is not None and r in members:
                 members[r].append(node)
         calls = module_call_counts(gm)
+        # 1. check every region (nothing changes yet): a refused region leaves the graph as it was
+        plan = []
         for rname, (type_name, config) in regions.items():
             nodes = members[rname]
             op = linear_op_of(gm, nodes[0])[0] if len(nodes) == 1 else None
@@ -76,15 +83,23 @@ class RestoreOriginal(Pass):
             node = nodes[0]
             layer = build_layer(type_name, config).to(device=op.weight.device, dtype=op.weight.dtype)
             self._check_geometry(rname, layer, op)
+            absorb = layer.bias is None and op.bias is not None and bool(op.bias.detach().abs().max() > 0)
+            sink = self._bias_sink(gm, rname, node, calls) if absorb else None
+            plan.append((rname, type_name, node, layer, op, sink))
+        # 2. rewrite
+        for rname, type_name, node, layer, op, sink in plan:
             with torch.no_grad():
                 layer.weight.copy_(op.weight.detach())
                 if layer.bias is not None:
                     layer.bias.copy_(op.bias.detach() if op.bias is not None else torch.zeros_like(layer.bias))
-                elif op.bias is not None and bool(op.bias.detach().abs().max() > 0):
-                    notes.append(self._absorb_bias(gm, rname, node, op.bias.detach(), calls))
+                if sink is not None:  # BN(y + b) = BN'(y) with running_mean' = running_mean - b
+                    bn = get_module(gm, sink)
+                    bn.running_mean.sub_(op.bias.detach().to(bn.running_mean.dtype))
+                    notes.append(self.note("absorbed", f"{rname} -> {sink}",
+                                           "bias absorbed into the BatchNorm's running_mean"))
             set_module(gm, rname, layer)
             node.target = rname
-            notes.append(self.note("restored", rname, f"{type_name} from {len(nodes)} contracted op"))
+            notes.append(self.note("restored", rname, f"{type_name} from 1 contracted op"))
         gm.delete_all_unused_submodules()
         return PassResult(gm, True, notes)
 
@@ -104,7 +119,9 @@ class RestoreOriginal(Pass):
                 raise ContractionError(f"region {rname} contracted to stride/padding/dilation/groups {got}, "
                                        f"but the original layer has {geom}")
 
-    def _absorb_bias(self, gm, rname, node, bias, calls):
+    @staticmethod
+    def _bias_sink(gm, rname, node, calls) -> str:
+        """The BatchNorm that absorbs the contracted region's bias (the original layer has none)."""
         sink, why = bias_sink(gm, node, calls)
         bn = get_module(gm, sink) if sink is not None else None
         if bn is not None and bn.training:
@@ -117,7 +134,4 @@ class RestoreOriginal(Pass):
                 f"no BatchNorm can absorb it ({why}); expansion passes do not expand such layers, so this model was "
                 "expanded by other means or its graph changed after expansion"
             )
-        with torch.no_grad():
-            bn.running_mean.sub_(bias.to(bn.running_mean.dtype))
-        return self.note("absorbed", f"{rname} -> {sink}", "bias absorbed into the BatchNorm's running_mean")
-
+        return sink
