@@ -17,8 +17,6 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from sklearn.datasets import load_digits as _load
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 from . import api, recipes
@@ -62,6 +60,10 @@ class _Block(nn.Module):
 
 def load_digits(test_size: float = 0.25, split_seed: int = 0):
     """scikit-learn's bundled digits (1,797 8x8 images), a fixed stratified split, scaled to [0, 1]."""
+
+    # lazy: scikit-learn takes ~1 s to import and only the digits data needs it
+    from sklearn.datasets import load_digits as _load
+    from sklearn.model_selection import train_test_split
 
     data = _load()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0

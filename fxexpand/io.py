@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-import torchvision.models as tvm
 from torch import nn
 
 from . import models as _models
@@ -68,6 +67,9 @@ def allowed_factories() -> list[str]:
 
 def _torchvision_builder(name: str) -> Callable[..., nn.Module] | None:
     try:
+        # lazy: torchvision.models pulls in torch._dynamo (~2 s); only a torchvision: factory needs it
+        import torchvision.models as tvm
+
         return tvm.get_model_builder(name)
     except Exception:
         return None

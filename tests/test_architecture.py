@@ -24,6 +24,10 @@ ALLOWED_LOCAL_IMPORTS = {
     ("train.py", "lightning.pytorch"),  # optional extra
     ("train.py", "pytorch_lightning"),  # optional extra (old package name)
     ("testing/__init__.py", "hypothesis.strategies"),  # dev extra
+    # documented lazy loads of heavy imports that one function needs (import time of `import fxexpand`)
+    ("io.py", "torchvision.models"),  # pulls in torch._dynamo: ~2 s
+    ("demo.py", "sklearn.datasets"),  # scikit-learn: ~1 s, only for the digits data
+    ("demo.py", "sklearn.model_selection"),
 }
 
 
