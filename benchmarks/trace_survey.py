@@ -47,6 +47,8 @@ import torch
 import torchvision
 
 import fxexpand
+from fxexpand.core import flatten_outputs
+from fxexpand.testing import rel_error
 
 RESULTS = Path(__file__).resolve().parent / "results" / "trace_survey.json"
 
@@ -150,7 +152,6 @@ def float32_noise(model: torch.nn.Module, x: torch.Tensor, trials: int = 3) -> f
     max|f32(model)(x) - f64(model)(x)| / max|f64 output|."""
     import copy
 
-    from fxexpand.core import flatten_outputs
 
     gen = torch.Generator().manual_seed(0 + 1_000_003)  # the inputs fxexpand.verify(seed=0) uses
     inputs = [x] + [torch.randn(x.shape, generator=gen, dtype=x.dtype) for _ in range(trials - 1)]
@@ -161,8 +162,7 @@ def float32_noise(model: torch.nn.Module, x: torch.Tensor, trials: int = 3) -> f
             out32 = flatten_outputs(model.eval()(xi))
             out64 = flatten_outputs(m64(xi.double()))
             for (_, a), (_, b) in zip(out32, out64):
-                scale = float(b.abs().max()) or 1.0
-                worst = max(worst, float((a.double() - b).abs().max()) / scale)
+                worst = max(worst, rel_error(b, a))
     del m64
     return worst
 
