@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 from .core import ExportError, InputError
 
@@ -47,6 +46,7 @@ def make_session(path: str | os.PathLike, threads: int = 1, optimization: str = 
     ``onnxruntime.capi._pybind_state.set_global_thread_pool_sizes`` must have sized before the first
     session of the process) instead of a pool of its own; ``threads`` is then not applied per session.
     """
+    import onnxruntime as ort  # lazy: only timing needs it (import time of `import fxexpand`)
 
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

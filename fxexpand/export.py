@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -156,6 +154,8 @@ def export_onnx(
     Raises:
         ExportError: unwritable path, export failure, checker failure or an output mismatch.
     """
+    import onnx  # lazy, with onnxruntime: only export needs them (import time of `import fxexpand`)
+    import onnxruntime as ort
 
     dest = check_output_path(path)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)

@@ -24,7 +24,6 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -112,6 +111,8 @@ def analyse(gm: fx.GraphModule, depthwise: Iterable[str] | None = None) -> Chann
     ``depthwise``: names of the convs that are depthwise in the full model. A depthwise conv shrunk
     to one channel looks like an ordinary 1-to-1 conv, so a thinned model must be analysed with the
     full model's list (:class:`~fxexpand.GrowthPlan` records it)."""
+    import networkx as nx  # lazy: only width growth needs it (~0.1 s of `import fxexpand`)
+
     depthwise = set(depthwise or ())
     g = nx.Graph()
     size: dict[str, int] = {}
