@@ -91,6 +91,7 @@ from .ops import (
     node_arg,
     norm_padding,
     shared_use,
+    site_name,
 )
 from .provenance import (
     RESTORABLE_TYPES,
@@ -151,7 +152,7 @@ __all__ = [
     # ops
     "ADD_FUNCS", "BN_FUNCS", "BN_MODULES", "BN_TYPES", "CONV_FUNCS", "CONV_MODULES", "CONV_TYPES", "LINEAR_FUNCS",
     "BNParams", "LinearOp", "as_int_tuple", "bias_sink", "bn_of", "is_add", "linear_op_of", "linear_param_names", "node_arg",
-    "norm_padding", "shared_use",
+    "norm_padding", "shared_use", "site_name",
     # provenance
     "RESTORABLE_TYPES", "ChainRecord", "ExpandedRegion", "GrowthRecord", "ModelFactory", "ModuleRenames", "ParameterOrigins",
     "Recipe", "build_layer", "find_regions", "get_record", "keep_attr", "layer_config", "persistent_records", "region_of", "set_record",

@@ -89,6 +89,14 @@ def _finish(like: LinearOp, kind: str, w: torch.Tensor, b: torch.Tensor | None, 
     return LinearOp(kind, w, b, **geom)
 
 
+def _add_taps(target: torch.Tensor, src: torch.Tensor, offset, step, kernel, lead: int) -> None:
+    """``target[..., o : o + s·(k−1) + 1 : s] += src`` per spatial dim (after ``lead`` channel dims):
+    a kernel of ``k`` taps placed at spacing ``s`` from offset ``o`` in a larger kernel — the one
+    tap-placement rule of sequential (conv∘conv) and parallel (Σ conv) composition."""
+    sl = tuple(slice(o, o + s * (k - 1) + 1, s) for o, s, k in zip(offset, step, kernel))
+    target[(slice(None),) * lead + sl] += src
+
+
 def _bias64(op: LinearOp) -> torch.Tensor | None:
     return None if op.bias is None else op.bias.detach().to(torch.float64)
 
@@ -163,9 +171,7 @@ def compose(first: LinearOp, second: LinearOp) -> tuple[LinearOp | None, str]:
         w = torch.zeros(g, out_c // g, in_c // g, *kernel, dtype=torch.float64, device=w1g.device)
         for pos in itertools.product(*(range(k) for k in k2)):
             contrib = torch.einsum("goc,gci...->goi...", w2g[(slice(None), slice(None), slice(None)) + pos], w1g)
-            off = offsets_b(pos)
-            sl = tuple(slice(off[i], off[i] + step_a[i] * (k1_eff[i] - 1) + 1, step_a[i]) for i in range(nd))
-            w[(slice(None), slice(None), slice(None)) + sl] += contrib
+            _add_taps(w, contrib, offsets_b(pos), step_a, k1_eff, lead=3)
         w = w.reshape(out_c, in_c // g, *kernel)
         groups = g
     else:
@@ -174,9 +180,7 @@ def compose(first: LinearOp, second: LinearOp) -> tuple[LinearOp | None, str]:
         dense = torch.zeros(out_c, in_c, *kernel, dtype=torch.float64, device=w1.device)
         for pos in itertools.product(*(range(k) for k in k2)):
             contrib = torch.einsum("oc,ci...->oi...", w2[(slice(None), slice(None)) + pos], w1)
-            off = offsets_b(pos)
-            sl = tuple(slice(off[i], off[i] + step_a[i] * (k1_eff[i] - 1) + 1, step_a[i]) for i in range(nd))
-            dense[(slice(None), slice(None)) + sl] += contrib
+            _add_taps(dense, contrib, offsets_b(pos), step_a, k1_eff, lead=2)
         mask = (_mask(second).double() @ _mask(first).double()) > 0
         groups = max_groups(mask)
         w = grouped_weight(dense, groups)
@@ -271,10 +275,7 @@ def sum_parallel(ops: list[LinearOp]) -> tuple[LinearOp | None, str]:
     for o in ops:
         src = o.weight.detach().double() if same_groups else dense_weight(o)
         step = tuple(o.dilation[i] // D[i] if o.kernel[i] > 1 else 1 for i in range(nd))
-        sl = tuple(slice((P[i] - o.padding[i]) // D[i],
-                         (P[i] - o.padding[i]) // D[i] + step[i] * (o.kernel[i] - 1) + 1, step[i])
-                   for i in range(nd))
-        w[(slice(None), slice(None)) + sl] += src
+        _add_taps(w, src, tuple((P[i] - o.padding[i]) // D[i] for i in range(nd)), step, o.kernel, lead=2)
     if not same_groups:
         w = grouped_weight(w, groups)
     return _finish(first, "conv", w, b, stride=first.stride, padding=P, dilation=D, groups=groups), ""

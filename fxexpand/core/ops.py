@@ -19,11 +19,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .fx import get_attr, get_module
+from .fx import fresh_name, get_attr, get_module
 
 __all__ = [
     "CONV_MODULES", "CONV_FUNCS", "CONV_TYPES", "LINEAR_FUNCS", "BN_MODULES", "BN_FUNCS", "BN_TYPES",
-    "ADD_FUNCS", "node_arg", "as_int_tuple", "norm_padding", "is_add", "bias_sink",
+    "ADD_FUNCS", "node_arg", "as_int_tuple", "norm_padding", "is_add", "bias_sink", "site_name",
     "LinearOp", "linear_op_of", "linear_param_names", "shared_use", "BNParams", "bn_of",
 ]
 
@@ -287,3 +287,14 @@ def bias_sink(gm: fx.GraphModule, node: fx.Node, calls: Counter) -> tuple[str | 
     if calls[user.target] > 1:
         return None, f"the BatchNorm {user.target} is called from {calls[user.target]} places (rule 7)"
     return str(user.target), ""
+
+
+def site_name(gm: fx.GraphModule, node: fx.Node, suffix: str) -> str:
+    """Where a rewrite installs the module that replaces the op at ``node``: a module call's own
+    name, or for a functional op a fresh name after its weight's owner (``fc.weight`` ->
+    ``fc_<suffix>``)."""
+    if node.op == "call_module":
+        return str(node.target)
+    names = linear_param_names(node)
+    base = names[0].rsplit(".", 1)[0] if names and "." in names[0] else (names[0] if names else "op")
+    return fresh_name(gm, f"{base}_{suffix}")

@@ -31,11 +31,9 @@ from ..core import (
     ScopedPass,
     attr_use_counts,
     bn_of,
-    fresh_name,
     get_module,
     in_scope,
     linear_op_of,
-    linear_param_names,
     module_call_counts,
     node_input,
     node_label,
@@ -43,6 +41,7 @@ from ..core import (
     register_pass,
     replace_nodes_with_module,
     shared_use,
+    site_name,
 )
 
 __all__ = ["FoldBatchNorm"]
@@ -117,14 +116,8 @@ class FoldBatchNorm(ScopedPass):
         return ""
 
     def _fold(self, gm: fx.GraphModule, prev: fx.Node, bn) -> tuple[nn.Module | None, str]:
-        if prev.op == "call_module":
-            mod = get_module(gm, prev.target)
-            name = prev.target
-        else:
-            mod = None
-            names = linear_param_names(prev)
-            base = names[0].rsplit(".", 1)[0] if names and "." in names[0] else (names[0] if names else "op")
-            name = fresh_name(gm, base + "_folded")
+        mod = get_module(gm, prev.target) if prev.op == "call_module" else None
+        name = site_name(gm, prev, "folded")
         weight = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
         bias = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
         if isinstance(mod, _TRANSPOSE):

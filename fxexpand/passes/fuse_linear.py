@@ -32,12 +32,10 @@ from ..core import (
     bn_as_op,
     bn_of,
     compose,
-    fresh_name,
     identity_like,
     in_scope,
     is_add,
     linear_op_of,
-    linear_param_names,
     module_call_counts,
     node_input,
     node_label,
@@ -45,6 +43,7 @@ from ..core import (
     register_pass,
     replace_nodes_with_module,
     shared_use,
+    site_name,
     sum_parallel,
 )
 
@@ -75,14 +74,6 @@ class FuseLinear(ScopedPass):
         if new > old:
             return f"would increase MACs from {old} to {new}"
         return ""
-
-    @staticmethod
-    def _name(node: fx.Node, gm: fx.GraphModule) -> str:
-        if node.op == "call_module":
-            return node.target
-        names = linear_param_names(node)
-        base = names[0].rsplit(".", 1)[0] if names and "." in names[0] else (names[0] if names else "op")
-        return fresh_name(gm, base + "_fused")
 
     # -- the pass ------------------------------------------------------------------------------
     def call(self, graph_module: fx.GraphModule) -> PassResult:
@@ -136,7 +127,7 @@ class FuseLinear(ScopedPass):
         reason = self._profitable(region, [(first, prev), (second, node)], fused, node)
         if reason:
             return False, self.note("skipped", where, reason)
-        replace_nodes_with_module(gm, [prev, node], fused.to_module(), node_input(prev), self._name(node, gm),
+        replace_nodes_with_module(gm, [prev, node], fused.to_module(), node_input(prev), site_name(gm, node, "fused"),
                                   call_counts=live)
         return True, self.note("fused", where, "sequential")
 
@@ -216,7 +207,7 @@ class FuseLinear(ScopedPass):
         reason = self._profitable(region, [(ops[n], n) for n in branches], fused, node)
         if reason:
             return False, self.note("skipped", where, reason)
-        name = self._name(branches[0], gm)
+        name = site_name(gm, branches[0], "fused")
         replace_nodes_with_module(gm, list(branches) + [node], fused.to_module(), x, name,
                                   call_counts=live)
         return True, self.note("fused", where, kind)
