@@ -210,15 +210,14 @@ def bn_as_op(bn: BNParams, like: LinearOp) -> LinearOp:
     :func:`identity_like`, i.e. a depthwise 1x1 conv with weight ``s = γ/√(σ²+ε)`` and bias
     ``β − μ·s`` (a diagonal matrix for a linear). Computed in float64, returned in ``like``'s dtype."""
     c = bn.running_mean.numel()
-    ident = identity_like(LinearOp(like.kind, like.weight.detach().double(), None,
-                                   like.stride, like.padding, like.dilation, 1), c)
+    ident = identity_like(like, c)
     f64 = [None if t is None else t.detach().double() for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)]
     mean, var, weight, bias = f64
     weight = torch.ones_like(mean) if weight is None else weight
     bias = torch.zeros_like(mean) if bias is None else bias
     fuse = fuse_linear_bn_weights if like.kind == "linear" else fuse_conv_bn_weights
     with torch.no_grad():
-        w, b = fuse(ident.weight, None, mean, var, bn.eps, weight, bias)
+        w, b = fuse(ident.weight.double(), None, mean, var, bn.eps, weight, bias)
     dt = like.weight.dtype
     return LinearOp(like.kind, w.detach().to(dt), b.detach().to(dt), ident.stride, ident.padding, ident.dilation,
                     ident.groups)

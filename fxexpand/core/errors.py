@@ -22,7 +22,12 @@ __all__ = [
 
 
 class FxExpandError(Exception):
-    """Base class of every error fxexpand raises deliberately."""
+    """Base class of every error fxexpand raises deliberately.
+
+    ``pass_name``: the pass that failed, set by the :class:`~fxexpand.core.PassManager` that ran it
+    (which also names it in the message); None for an error raised outside a pass."""
+
+    pass_name: str | None = None
 
 
 class TraceError(FxExpandError):

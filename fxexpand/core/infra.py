@@ -318,12 +318,10 @@ class PassManager(Pass):
                 try:
                     result = p(gm)
                 except FxExpandError as e:
-                    raise _with_context(e, f"pass {p.name} failed (passes run before it: {history}): ") from e
+                    raise _with_context(e, f"pass {p.name} failed (passes run before it: {history}): ", p.name) from e
                 except Exception as e:
-                    raise PassError(
-                        f"pass {p.name} failed (passes run before it: {history}): "
-                        f"{type(e).__name__}: {e}"
-                    ) from e
+                    raise _with_context(PassError(f"{type(e).__name__}: {e}"),
+                                        f"pass {p.name} failed (passes run before it: {history}): ", p.name) from e
                 gm = result.graph_module
                 ran.append(p.name)
                 notes.extend(result.notes)
@@ -335,19 +333,21 @@ class PassManager(Pass):
                             gm.graph.lint()
                         gm.recompile()
                     except Exception as e:
-                        raise PassError(
-                            f"pass {p.name} produced an invalid graph (passes run before it: "
-                            f"{history}): {type(e).__name__}: {e}"
-                        ) from e
+                        invalid = PassError(f"pass {p.name} produced an invalid graph (passes run before it: "
+                                            f"{history}): {type(e).__name__}: {e}")
+                        invalid.pass_name = p.name
+                        raise invalid from e
                     if before is not None:
                         try:
                             verify(before, gm, self.example_inputs, rtol=self.rtol, atol=self.atol)
                         except EquivalenceError as e:
-                            raise EquivalenceError(
+                            changed = EquivalenceError(
                                 f"pass {p.name} changed the model's function (first pass to do so; "
                                 f"passes run before it: {history}): {e}",
                                 report=e.report,
-                            ) from e
+                            )
+                            changed.pass_name = p.name
+                            raise changed from e
             any_modified |= round_modified
             if not self.fixed_point or not round_modified:
                 break
@@ -360,13 +360,15 @@ class PassManager(Pass):
         return PassResult(gm, any_modified, notes, records)
 
 
-def _with_context(error: FxExpandError, prefix: str) -> FxExpandError:
+def _with_context(error: FxExpandError, prefix: str, pass_name: str) -> FxExpandError:
     """The same error (type and attributes, e.g. an EquivalenceError's report) with ``prefix``
-    before its message; an error a nested manager already named is not named twice."""
-    if str(error).startswith("pass "):
+    before its message and ``pass_name`` set; an error a nested manager already named (its
+    ``pass_name`` is set) is not named twice."""
+    if error.pass_name is not None:
         return error
     new = copy.copy(error)
     new.args = (prefix + str(error),) + tuple(error.args[1:])
+    new.pass_name = pass_name
     return new
 
 

@@ -132,8 +132,6 @@ def region_of(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
     regions = traced_regions(graph_module)
     if not regions:
         return None
-    if not isinstance(regions, (dict, set, frozenset)):
-        regions = set(regions)
     paths: list[str] = []
     stack = node.meta.get("nn_module_stack")
     if stack:
