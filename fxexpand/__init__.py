@@ -2,7 +2,7 @@
 
 Entry points: :func:`trace`, :func:`compile`, :func:`contract`, :func:`verify`, :func:`export_onnx`,
 :func:`benchmark_onnx`, :func:`save` / :func:`load`; Network Expansion with :class:`GrowthPlan` and
-:class:`EMA`. The engine is :mod:`fxexpand.core`, the rewrites live in :mod:`fxexpand.passes`, and
+:class:`EMA`; NetAug with :class:`WidthSampler`, :func:`set_width` and :func:`netaug_loss`. The engine is :mod:`fxexpand.core`, the rewrites live in :mod:`fxexpand.passes`, and
 :mod:`fxexpand.pipelines` composes them (docs/architecture.md).
 """
 
@@ -39,13 +39,15 @@ from .ema import EMA
 from .export import export_onnx
 from .growth import GrowthPlan, Stage, find_chains, rebuild_optimizer
 from .io import build_model, load, register_factory, save
+from .netaug import WidthSampler, netaug_loss, set_width, sort_channels, width_record
 from .report import expansion_report, report_table
 from .schedule import LinearDecay, get_decay, set_decay
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "passes", "pipelines", "recipes", "GrowthPlan", "Stage", "EMA", "find_chains", "rebuild_optimizer", "expansion_report", "report_table", "LinearDecay", "set_decay", "get_decay",
+    "passes", "pipelines", "recipes", "GrowthPlan", "Stage", "EMA", "find_chains", "rebuild_optimizer",
+    "WidthSampler", "set_width", "netaug_loss", "sort_channels", "width_record", "expansion_report", "report_table", "LinearDecay", "set_decay", "get_decay",
     "trace", "compile", "contract", "verify", "export_onnx", "benchmark_onnx", "compare_onnx",
     "save", "load", "build_model", "register_factory", "count_flops", "count_parameters",
     "Pass", "PassResult", "PassManager", "Note", "register_pass", "registered_passes", "get_pass", "build_pass",

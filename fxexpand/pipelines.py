@@ -19,6 +19,7 @@ from torch import nn
 from .core import Pass, PassManager, build_pass
 from .passes import (
     DecayActivations,
+    ExtractBase,
     FoldBatchNorm,
     FuseLinear,
     GrowWidth,
@@ -49,6 +50,7 @@ def contraction(
 ) -> list[PassManager]:
     """The pass managers :func:`fxexpand.contract` runs, in order.
 
+    0. :class:`ExtractBase`: NetAug's dynamic layers become the original layers at base width;
     1. :class:`RemoveIdentity`, :class:`FoldBatchNorm`, :class:`FuseLinear` (and ``extra_passes``) to
        a fixed point, limited to expanded regions for target "original";
     2. for target "original", :class:`RestoreOriginal` (declared to run after the three above).
@@ -57,7 +59,7 @@ def contraction(
     passes: list[Pass] = [RemoveIdentity(scope=scope), FoldBatchNorm(scope=scope), FuseLinear(scope=scope),
                           *[build_pass(p) for p in extra_passes]]
     opts = dict(verify_each=verify_each, example_inputs=example_inputs, rtol=rtol, atol=atol)
-    managers = [PassManager(passes=passes, fixed_point=True, **opts)]
+    managers = [PassManager(passes=[ExtractBase()], **opts), PassManager(passes=passes, fixed_point=True, **opts)]
     if target == "original":
         managers.append(PassManager(passes=[RestoreOriginal()], **opts))
     return managers

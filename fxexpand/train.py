@@ -22,20 +22,12 @@ import torch.distributed as dist
 from torch import nn
 
 from .api import contract
+from .core import unwrap
+from .netaug import WidthSampler, netaug_loss, set_width, sort_channels
 from .schedule import LinearDecay, decay_modules
 
-__all__ = ["DecaySchedule", "Trainer", "Callback", "lightning_callback", "unwrap", "sync_buffers"]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+__all__ = ["DecaySchedule", "Trainer", "Callback", "lightning_callback", "netaug_lightning_callback", "unwrap",
+           "sync_buffers"]
 
 
 def sync_buffers(model: nn.Module, src: int = 0) -> None:
@@ -109,16 +101,32 @@ class Trainer:
 
     Callbacks are called as ``cb(event, trainer, **info)`` with events ``"step"`` (``loss``, ``alpha``,
     ``step``) and ``"epoch"`` (``epoch``, ``loss``, ``alpha``).
+
+    NetAug (a model built with ``AugmentWidth``): pass ``netaug=WidthSampler(model, seed)`` (its
+    ``total_steps`` is set from the epochs if unset); each step then minimises
+    :func:`~fxexpand.netaug_loss` with ``netaug_alpha`` (one backward, or two with
+    ``separate_backward=True``), ``sort_channels`` ("augmented" or "all") re-sorts hidden channels
+    at the start of every epoch, and the model ends in the base (tiny) configuration.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, epochs: int,
                  decay_fraction: float = 0.2, finetune_epochs: int = 0,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
-                 callbacks: Iterable[Callable] = (), lr_scheduler: Any = None):
+                 callbacks: Iterable[Callable] = (), lr_scheduler: Any = None,
+                 netaug: WidthSampler | None = None, netaug_alpha: float = 1.0, separate_backward: bool = False,
+                 sort_channels: str | None = None):
         self.model, self.optimizer, self.epochs = model, optimizer, int(epochs)
         self.decay_fraction, self.finetune_epochs = decay_fraction, int(finetune_epochs)
         self.loss_fn, self.callbacks, self.lr_scheduler = loss_fn, list(callbacks), lr_scheduler
         self.schedule: DecaySchedule | None = None
+        if netaug is not None and not isinstance(netaug, WidthSampler):
+            raise TypeError(f"netaug must be a fxexpand.WidthSampler, got {type(netaug).__name__}")
+        if sort_channels not in (None, "augmented", "all"):
+            raise ValueError("sort_channels must be None, 'augmented' or 'all'")
+        if sort_channels is not None and netaug is None:
+            raise ValueError("sort_channels needs netaug=WidthSampler(...)")
+        self.netaug, self.netaug_alpha = netaug, float(netaug_alpha)
+        self.separate_backward, self.sort_channels = bool(separate_backward), sort_channels
 
     def _emit(self, event: str, **info: Any) -> None:
         for cb in self.callbacks:
@@ -130,13 +138,25 @@ class Trainer:
             steps_per_epoch = len(loader)  # type: ignore[arg-type]
         self.schedule = DecaySchedule(self.model, self.epochs, steps_per_epoch, self.decay_fraction,
                                       self.finetune_epochs)
+        if self.netaug is not None and self.netaug.total_steps is None:
+            self.netaug.total_steps = self.epochs * steps_per_epoch
+        step = 0
         for epoch in range(self.epochs):
             self.model.train()
+            if self.sort_channels is not None:
+                sort_channels(self.model, scope=self.sort_channels, optimizer=self.optimizer)
             total, n = 0.0, 0
             for x, y in loader:
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = self.loss_fn(self.model(x), y)
-                loss.backward()
+                if self.netaug is not None:
+                    loss = netaug_loss(self.model, self.netaug, step, x, y, self.loss_fn, alpha=self.netaug_alpha,
+                                       separate_backward=self.separate_backward)
+                    if not self.separate_backward:
+                        loss.backward()
+                else:
+                    loss = self.loss_fn(self.model(x), y)
+                    loss.backward()
+                step += 1
                 self.optimizer.step()
                 alpha = self.schedule.step()
                 total, n = total + float(loss.detach()), n + 1
@@ -144,6 +164,8 @@ class Trainer:
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
             self._emit("epoch", epoch=epoch, loss=total / max(n, 1), alpha=self.schedule.alpha)
+        if self.netaug is not None:
+            set_width(self.model, "base")
         self.model.eval()
         return self.model
 
@@ -180,3 +202,48 @@ def lightning_callback(epochs: int, steps_per_epoch: int, decay_fraction: float 
                 pl_module.log("fxexpand_alpha", self.schedule.alpha, prog_bar=True)
 
     return DecayCallback()
+
+
+def netaug_lightning_callback(sampler: WidthSampler, *, sort: str | None = None):
+    """A PyTorch Lightning ``Callback`` for NetAug.
+
+    Lightning's DDP wrapper calls ``training_step``, so the combined loss is computed there (one
+    forward of each model inside one DDP forward, one backward, one all-reduce)::
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return fxexpand.netaug_loss(self, self.fxexpand_sampler, self.global_step, x, y, F.cross_entropy)
+
+    The callback puts ``sampler`` on the module as ``fxexpand_sampler`` (with ``total_steps`` from
+    ``trainer.estimated_stepping_batches`` if unset), re-sorts hidden channels at the start of every
+    epoch when ``sort`` is "augmented" or "all", and puts the model in the base configuration
+    before validation and at the end of training. Raises ImportError without Lightning.
+    """
+    try:
+        from lightning.pytorch import Callback as _PLCallback
+    except ImportError:
+        try:
+            from pytorch_lightning import Callback as _PLCallback
+        except ImportError as e:
+            raise ImportError("netaug_lightning_callback needs `pip install lightning`") from e
+    if sort not in (None, "augmented", "all"):
+        raise ValueError("sort must be None, 'augmented' or 'all'")
+
+    class NetAugCallback(_PLCallback):
+        def on_train_start(self, trainer, pl_module):
+            if sampler.total_steps is None:
+                sampler.total_steps = int(trainer.estimated_stepping_batches)
+            pl_module.fxexpand_sampler = sampler
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if sort is not None:
+                opts = trainer.optimizers
+                sort_channels(pl_module, scope=sort, optimizer=opts[0] if opts else None)
+
+        def on_validation_start(self, trainer, pl_module):
+            set_width(pl_module, "base")
+
+        def on_train_end(self, trainer, pl_module):
+            set_width(pl_module, "base")
+
+    return NetAugCallback()

@@ -13,6 +13,7 @@ here. Modules:
 * :mod:`~fxexpand.core.channels` — channel groups (networkx) and consistent resizing;
 * :mod:`~fxexpand.core.select` — choosing expansion targets;
 * :mod:`~fxexpand.core.modules` — modules fxexpand inserts (DecayActivation, Residual);
+* :mod:`~fxexpand.core.dynamic` — width-dynamic layers (NetAug's weight-shared supernet);
 * :mod:`~fxexpand.core.provenance` — expanded regions and typed records;
 * :mod:`~fxexpand.core.verify` — numerical equivalence.
 """
@@ -27,6 +28,15 @@ from .algebra import (
     sum_parallel,
 )
 from .channels import ChannelAnalysis, analyse, orthogonal_rows, resize
+from .dynamic import (
+    DYNAMIC_SOURCES,
+    DynamicBatchNorm,
+    DynamicConv,
+    DynamicLayer,
+    DynamicLayerNorm,
+    DynamicLinear,
+    Segment,
+)
 from .errors import (
     ContractionError,
     EquivalenceError,
@@ -56,6 +66,7 @@ from .fx import (
     propagate_shapes,
     replace_nodes_with_module,
     set_module,
+    unwrap,
 )
 from .infra import (
     Note,
@@ -102,6 +113,8 @@ from .provenance import (
     ModuleRenames,
     ParameterOrigins,
     Recipe,
+    WidthGroup,
+    WidthRecord,
     build_layer,
     find_regions,
     get_record,
@@ -137,13 +150,16 @@ __all__ = [
     "bn_as_op", "compose", "dense_weight", "grouped_weight", "identity_like", "max_groups", "sum_parallel",
     # channels
     "ChannelAnalysis", "analyse", "orthogonal_rows", "resize",
+    # dynamic
+    "DYNAMIC_SOURCES", "DynamicBatchNorm", "DynamicConv", "DynamicLayer", "DynamicLayerNorm", "DynamicLinear",
+    "Segment",
     # errors
     "ContractionError", "EquivalenceError", "ExportError", "FxExpandError", "InputError", "LoadError",
     "PassError", "PostconditionError", "PreconditionError", "TraceError",
     # fx
     "as_inputs", "attr_use_counts", "erase_if_dead", "fresh_name", "get_attr", "get_module", "has_module",
     "in_scope", "module_call_count", "module_call_counts", "node_input", "node_label", "out_shape",
-    "propagate_shapes", "replace_nodes_with_module", "set_module",
+    "propagate_shapes", "replace_nodes_with_module", "set_module", "unwrap",
     # infra
     "Note", "Pass", "PassManager", "PassResult", "ScopedPass", "build_pass", "get_pass", "register_pass",
     "registered_passes", "required_arguments", "unregister_pass",
@@ -155,7 +171,7 @@ __all__ = [
     "norm_padding", "shared_use", "site_name",
     # provenance
     "RESTORABLE_TYPES", "ChainRecord", "ExpandedRegion", "GrowthRecord", "ModelFactory", "ModuleRenames", "ParameterOrigins",
-    "Recipe", "build_layer", "find_regions", "get_record", "keep_attr", "layer_config", "persistent_records", "region_of", "set_record",
+    "Recipe", "WidthGroup", "WidthRecord", "build_layer", "find_regions", "get_record", "keep_attr", "layer_config", "persistent_records", "region_of", "set_record",
     "set_traced_regions", "traced_regions",
     # select
     "ACTIVATION_MODULES", "BLOCK_TYPES", "activation_near", "conv_problem", "evenly_spaced", "select_targets",

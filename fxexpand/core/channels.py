@@ -53,6 +53,8 @@ _KEEP_METHODS = {"relu", "sigmoid", "tanh", "clone", "contiguous", "neg"}
 _BINARY = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub,
            torch.div, operator.iadd, operator.imul}
 _BINARY_METHODS = {"add", "mul", "sub", "div", "add_", "mul_"}
+_RESIDUAL = {operator.add, operator.sub, torch.add, torch.sub, operator.iadd}
+_RESIDUAL_METHODS = {"add", "sub", "add_"}
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 
@@ -63,6 +65,7 @@ class Layout:
 
     spaces: tuple[str, ...]
     flat: int | None = None
+    dim: int = 1  # 1: channels on dim 1 (NC..., N·C); -1: on the last dim of an N-D tensor (B, T, C)
 
 
 @dataclass
@@ -70,10 +73,10 @@ class Layer:
     """A resizable layer: its module, the layout it reads and the space it writes."""
 
     name: str
-    kind: str  # "conv" | "dw" | "linear" | "bn"
+    kind: str  # "conv" | "dw" | "linear" | "bn" | "ln"
     node: fx.Node
     inp: Layout | None
-    out: str | None  # output space ("conv"/"linear"); for "dw"/"bn" the output layout is ``inp``
+    out: str | None  # output space ("conv"/"linear"); for "dw"/"bn"/"ln" the output layout is ``inp``
 
 
 @dataclass
@@ -83,6 +86,7 @@ class ChannelAnalysis:
     group_of: dict[str, str]            # space -> group id
     members: dict[str, list[str]]       # group id -> its spaces
     frozen: dict[str, str] = field(default_factory=dict)  # group id -> why it cannot be resized
+    residual: set[str] = field(default_factory=set)  # groups tied by an elementwise add/sub of two tensors
 
     def group_size(self, gid: str) -> int:
         return self.space_size[self.members[gid][0]]
@@ -105,12 +109,17 @@ def _ndim(node: Any) -> int | None:
     return len(shape) if shape is not None else None
 
 
-def analyse(gm: fx.GraphModule, depthwise: Iterable[str] | None = None) -> ChannelAnalysis:
+def analyse(gm: fx.GraphModule, depthwise: Iterable[str] | None = None, *, layer_norm: bool = False) -> ChannelAnalysis:
     """Find the channel groups of ``gm`` (needs ``tensor_meta`` on its nodes, from ShapeProp).
 
     ``depthwise``: names of the convs that are depthwise in the full model. A depthwise conv shrunk
     to one channel looks like an ordinary 1-to-1 conv, so a thinned model must be analysed with the
-    full model's list (:class:`~fxexpand.GrowthPlan` records it)."""
+    full model's list (:class:`~fxexpand.GrowthPlan` records it).
+
+    ``layer_norm``: accept ``nn.LayerNorm`` over the channel dimension when it is the last one (as in
+    a transformer's ``(B, T, C)`` tokens) as a channel-wise layer of kind "ln". Its output is not a
+    per-channel function, so :func:`resize` (function-preserving growth) refuses such groups; NetAug
+    accepts them because its base slice is the original width."""
     import networkx as nx  # lazy: only width growth needs it (~0.1 s of `import fxexpand`)
 
     depthwise = set(depthwise or ())
@@ -119,6 +128,7 @@ def analyse(gm: fx.GraphModule, depthwise: Iterable[str] | None = None) -> Chann
     layout: dict[fx.Node, Layout] = {}
     layers: list[Layer] = []
     frozen_spaces: dict[str, str] = {}
+    residual_spaces: set[str] = set()
     calls = module_call_counts(gm)
 
     def space(name: str, n: int) -> str:
@@ -132,7 +142,7 @@ def analyse(gm: fx.GraphModule, depthwise: Iterable[str] | None = None) -> Chann
                 frozen_spaces.setdefault(s, why)
 
     def tie(a: Layout, b: Layout) -> bool:
-        if a.flat != b.flat or len(a.spaces) != len(b.spaces):
+        if a.flat != b.flat or a.dim != b.dim or len(a.spaces) != len(b.spaces):
             return False
         if any(size[x] != size[y] for x, y in zip(a.spaces, b.spaces)):
             return False
@@ -170,7 +180,8 @@ def analyse(gm: fx.GraphModule, depthwise: Iterable[str] | None = None) -> Chann
                 s = space(f"{node.target}", mod.out_channels)
                 layers.append(Layer(node.target, "conv", node, None, s))
                 out = Layout((s,))
-            elif isinstance(mod, _CONVS) and not shared and lx is not None and lx.flat is None and len(ins) == 1:
+            elif isinstance(mod, _CONVS) and not shared and lx is not None and lx.flat is None and lx.dim == 1 \
+                    and len(ins) == 1:
                 if mod.groups == 1 and not (node.target in depthwise and mod.in_channels == mod.out_channels == 1):
                     s = space(f"{node.target}", mod.out_channels)
                     layers.append(Layer(node.target, "conv", node, lx, s))
@@ -182,21 +193,28 @@ def analyse(gm: fx.GraphModule, depthwise: Iterable[str] | None = None) -> Chann
                     freeze(lx, f"grouped convolution {node.target}")
                     out = Layout((space(f"{node.target}", mod.out_channels),))
                     frozen_spaces[out.spaces[0]] = f"grouped convolution {node.target}"
-            elif isinstance(mod, nn.Linear) and not shared and lx is not None and _ndim(x) == 2 and len(ins) == 1:
+            elif isinstance(mod, nn.Linear) and not shared and lx is not None and len(ins) == 1 \
+                    and (_ndim(x) == 2 or (lx.dim == -1 and (_ndim(x) or 0) > 2)):
                 s = space(f"{node.target}", mod.out_features)
                 layers.append(Layer(node.target, "linear", node, lx, s))
-                out = Layout((s,))
+                out = Layout((s,), dim=_last_dim(node))
             elif isinstance(mod, nn.Linear) and not shared and lx is None and len(ins) <= 1:
                 # input width fixed (not a tracked tensor); the output can still be resized
                 s = space(f"{node.target}", mod.out_features)
                 layers.append(Layer(node.target, "linear", node, None, s))
-                out = Layout((s,))
-            elif isinstance(mod, _BNS) and not shared and lx is not None and lx.flat is None and len(ins) == 1:
+                out = Layout((s,), dim=_last_dim(node))
+            elif isinstance(mod, nn.LayerNorm) and layer_norm and not shared and lx is not None and len(ins) == 1 \
+                    and (lx.dim == -1 or _ndim(x) == 2) and len(mod.normalized_shape) == 1:
+                layers.append(Layer(node.target, "ln", node, lx, None))
+                out = lx
+            elif isinstance(mod, _BNS) and not shared and lx is not None and lx.flat is None and lx.dim == 1 \
+                    and len(ins) == 1:
                 layers.append(Layer(node.target, "bn", node, lx, None))
                 out = lx
             elif isinstance(mod, _KEEP_MODULES) and lx is not None and len(ins) == 1:
                 out = lx
-            elif isinstance(mod, nn.Flatten) and lx is not None and mod.start_dim == 1 and mod.end_dim == -1:
+            elif isinstance(mod, nn.Flatten) and lx is not None and lx.dim == 1 and mod.start_dim == 1 \
+                    and mod.end_dim == -1:
                 out = _flatten(x, lx)
             elif type(mod).__name__ == "StochasticDepth" and lx is not None:
                 out = lx
@@ -217,6 +235,8 @@ def analyse(gm: fx.GraphModule, depthwise: Iterable[str] | None = None) -> Chann
                 lb = layout.get(b) if isinstance(b, fx.Node) else None
                 if la is not None and lb is not None and _ndim(a) == _ndim(b) and tie(la, lb):
                     out = la
+                    if fn in _RESIDUAL or (node.op == "call_method" and fn in _RESIDUAL_METHODS):
+                        residual_spaces.update(la.spaces)
                 elif la is not None and not isinstance(b, fx.Node):
                     out = la
                 elif lb is not None and not isinstance(a, fx.Node) and fn in (operator.add, operator.mul):
@@ -227,18 +247,18 @@ def analyse(gm: fx.GraphModule, depthwise: Iterable[str] | None = None) -> Chann
             elif fn in (torch.cat, torch.concat) and _cat_dim(node) == 1:
                 parts = node.args[0] if node.args else node.kwargs.get("tensors")
                 lays = [layout.get(p) if isinstance(p, fx.Node) else None for p in parts]
-                if lays and all(la is not None and la.flat is None for la in lays):
+                if lays and all(la is not None and la.flat is None and la.dim == 1 for la in lays):
                     out = Layout(tuple(s for la in lays for s in la.spaces))
                 else:
                     for n in ins:
                         freeze(layout[n], f"{node.name} concatenates untracked tensors")
             elif fn in _REDUCE_FUNCTIONS or (node.op == "call_method" and fn in _REDUCE_METHODS):
-                if lx is not None and lx.flat is None and len(ins) == 1 and _reduces_only_spatial(node):
+                if lx is not None and lx.flat is None and lx.dim == 1 and len(ins) == 1 and _reduces_only_spatial(node):
                     out = lx
                 else:
                     for n in ins:
                         freeze(layout[n], f"{node.name} ({getattr(fn, '__name__', fn)}) reduces over channels")
-            elif _is_flatten(node) and lx is not None:
+            elif _is_flatten(node) and lx is not None and lx.dim == 1:
                 out = _flatten(x, lx)
             elif node.op == "call_method" and fn in ("size", "dim") or fn in (getattr, len) \
                     or (node.op == "call_method" and fn == "__getattribute__"):
@@ -262,7 +282,13 @@ def analyse(gm: fx.GraphModule, depthwise: Iterable[str] | None = None) -> Chann
     frozen: dict[str, str] = {}
     for s, why in frozen_spaces.items():
         frozen.setdefault(group_of[s], why)
-    return ChannelAnalysis(layers, size, group_of, members, frozen)
+    return ChannelAnalysis(layers, size, group_of, members, frozen, {group_of[s] for s in residual_spaces})
+
+
+def _last_dim(node: fx.Node) -> int:
+    """Layout dim of a Linear's output: 1 for (N, C), -1 for (N, ..., C)."""
+    nd = _ndim(node)
+    return -1 if nd is not None and nd > 2 else 1
 
 
 def _reduces_only_spatial(node: fx.Node) -> bool:
@@ -376,6 +402,10 @@ def resize(gm: fx.GraphModule, an: ChannelAnalysis, new_group_size: dict[str, in
     for gid in new_group_size:
         if gid in an.frozen:
             raise ValueError(f"channel group {gid} cannot be resized: {an.frozen[gid]}")
+    for la in an.layers:
+        if la.kind == "ln" and any(an.group_of[s] in new_group_size for s in la.inp.spaces):
+            raise ValueError(f"channel group of LayerNorm {la.name} cannot be resized: a LayerNorm over more "
+                             "channels is a different function (analyse with layer_norm=False)")
     old = dict(an.space_size)
     new = {s: new_group_size.get(an.group_of[s], old[s]) for s in old}
     gen = torch.Generator().manual_seed(seed)

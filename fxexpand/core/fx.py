@@ -21,7 +21,7 @@ from .provenance import region_of
 __all__ = [
     "get_module", "get_attr", "set_module", "fresh_name", "has_module", "module_call_count",
     "module_call_counts", "attr_use_counts", "node_input", "out_shape", "node_label",
-    "in_scope", "erase_if_dead", "replace_nodes_with_module", "as_inputs", "propagate_shapes",
+    "in_scope", "erase_if_dead", "replace_nodes_with_module", "as_inputs", "propagate_shapes", "unwrap",
 ]
 
 def get_module(gm: nn.Module, qualname: str) -> nn.Module:
@@ -209,3 +209,14 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
     finally:
         for m, f in flags.items():
             m.training = f
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model

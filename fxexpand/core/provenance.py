@@ -45,6 +45,8 @@ __all__ = [
     "ChainRecord",
     "GrowthRecord",
     "ModelFactory",
+    "WidthGroup",
+    "WidthRecord",
     "set_record",
     "get_record",
     "persistent_records",
@@ -252,6 +254,35 @@ class ModelFactory:
 
     spec: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WidthGroup:
+    """One augmentable channel group of a NetAug model: its axis ("width": the group reaches a
+    residual stream; "expand": a block's hidden width), base (tiny-model) width, largest width and
+    the widths a sampler may choose (``choices[0]`` is the base width)."""
+
+    axis: Literal["width", "expand"]
+    base: int
+    max: int
+    choices: list[int]
+    layers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WidthRecord:
+    """What :class:`~fxexpand.passes.AugmentWidth` built: the augmentable groups, the frozen ones
+    (group id -> reason) and when width augmentation stops (fraction of training, or None)."""
+
+    groups: dict[str, WidthGroup] = field(default_factory=dict)
+    frozen: dict[str, str] = field(default_factory=dict)
+    stop_width_at: float | None = None
+
+    def base(self) -> dict[str, int]:
+        return {g: s.base for g, s in self.groups.items()}
+
+    def max(self) -> dict[str, int]:
+        return {g: s.max for g, s in self.groups.items()}
 
 
 _PERSISTENT_KEY = "fxexpand_records"

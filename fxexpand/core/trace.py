@@ -21,6 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import TraceError
+from .dynamic import DynamicLayer
 from .modules import DecayActivation
 from .provenance import ExpandedRegion, find_regions, set_traced_regions
 
@@ -119,7 +120,8 @@ def trace(
             (contraction does this); by default each region stays one opaque call, so the traced
             module keeps the region objects and their provenance.
 
-    :class:`~fxexpand.modules.DecayActivation` is always kept as a single call. When ``model`` is
+    :class:`~fxexpand.modules.DecayActivation` and :class:`~fxexpand.core.DynamicLayer` are always
+    kept as single calls. When ``model`` is
     itself a GraphModule, its ``call_module`` calls stay single calls (they were leaves when it was
     traced), except that ``inline_regions=True`` traces through everything traceable.
 
@@ -150,7 +152,7 @@ def trace_with_calls(
     bad = [x for x in leaf_modules if not (isinstance(x, str) or (isinstance(x, type) and issubclass(x, nn.Module)))]
     if bad:
         raise TypeError(f"leaf_modules must be nn.Module subclasses or qualified names, got {bad!r}")
-    leaf_types = tuple(x for x in leaf_modules if isinstance(x, type)) + (DecayActivation,) + _mode_dependent_types()
+    leaf_types = tuple(x for x in leaf_modules if isinstance(x, type)) + (DecayActivation, DynamicLayer) + _mode_dependent_types()
     if not inline_regions:
         leaf_types += (ExpandedRegion,)
     leaf_names = frozenset(x for x in leaf_modules if isinstance(x, str))

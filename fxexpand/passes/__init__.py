@@ -9,13 +9,18 @@ Expansion: :class:`InsertInvertedResidual` (``"insert_inverted_residual"``, NetB
 :class:`LinearExpand` (``"linear_expand"``, ExpandNets) and :class:`DecayActivations`
 (``"decay_activations"``).
 
+NetAug: :class:`AugmentWidth` (``"augment_width"``) builds the weight-shared augmented model;
+:class:`ExtractBase` (``"extract_base"``) slices it back to the tiny model during contraction.
+
 Growth (Network Expansion): :class:`InsertEMABlocks` (``"insert_ema_blocks"``, depth; needs
 ``ema_model``) and :class:`GrowWidth` (``"grow_width"``, width).
 
 Pipelines that compose these passes live in :mod:`fxexpand.pipelines`.
 """
 
+from .augment_width import AugmentWidth
 from .decay_activations import DecayActivations
+from .extract_base import ExtractBase
 from .fold_batchnorm import FoldBatchNorm
 from .fuse_linear import FuseLinear
 from .grow_width import GrowWidth
@@ -27,7 +32,9 @@ from .restore_original import RestoreOriginal
 from .verify import Verify
 
 __all__ = [
+    "AugmentWidth",
     "DecayActivations",
+    "ExtractBase",
     "FoldBatchNorm",
     "FuseLinear",
     "GrowWidth",
