@@ -29,7 +29,7 @@ from torch import nn
 
 from .core import DynamicLayer, InputError, WidthRecord, get_record, unwrap
 
-__all__ = ["WidthSampler", "set_width", "netaug_loss", "sort_channels", "width_record"]
+__all__ = ["WidthSampler", "set_width", "use_width", "netaug_loss", "sort_channels", "width_record"]
 
 
 def width_record(model: nn.Module) -> WidthRecord:
@@ -69,6 +69,32 @@ def set_width(model: nn.Module, config: Literal["base", "max"] | dict[str, int] 
     for layer in _dynamic_layers(model):
         layer.set_widths(widths, augmented)
     return widths
+
+
+@contextlib.contextmanager
+def use_width(model: nn.Module, config: Literal["base", "max"] | dict[str, int], *, augmented: bool = True):
+    """Run the model in ``config`` inside the block, then return to the base configuration.
+
+    Besides the dynamic BatchNorms (which never update their running statistics in an augmented
+    configuration), the block restores the running statistics of every *other* BatchNorm — the
+    layers of frozen channel groups downstream of augmented ones — so that an augmented forward
+    leaves every statistic of the tiny model as it was."""
+    inner = unwrap(model)
+    norms = [m for m in inner.modules()
+             if isinstance(m, nn.modules.batchnorm._NormBase) and not isinstance(m, DynamicLayer)]
+    saved = [(m, {n: b for n, b in m.named_buffers(recurse=False)}) for m in norms]
+    for m, bufs in saved:  # the forward updates copies (autograd may keep them for the backward)
+        for n, b in bufs.items():
+            if b is not None:
+                setattr(m, n, b.clone())
+    set_width(model, config, augmented=augmented)
+    try:
+        yield
+    finally:
+        set_width(model, "base")
+        for m, bufs in saved:
+            for n, b in bufs.items():
+                setattr(m, n, b)
 
 
 class WidthSampler:
@@ -125,22 +151,16 @@ def netaug_loss(model: nn.Module, sampler: WidthSampler, step: int, x: Any, y: A
     set_width(model, "base")
     if not separate_backward:
         base = loss_fn(model(x), y)
-        set_width(model, config, augmented=True)
-        try:
+        with use_width(model, config):
             aug = loss_fn(model(x), y)
-        finally:
-            set_width(model, "base")
         return base + alpha * aug
     sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
     with sync:
         base = loss_fn(model(x), y)
         base.backward()
-    set_width(model, config, augmented=True)
-    try:
+    with use_width(model, config):
         aug = loss_fn(model(x), y)
         (alpha * aug).backward()
-    finally:
-        set_width(model, "base")
     return (base + alpha * aug).detach()
 
 

@@ -56,8 +56,7 @@ class DynamicLayer(nn.Module):
         self.base_widths = {g: int(base[g]) for g in gids}
         self.widths = dict(self.base_widths)
         self.augmented = False
-        self._in_index: torch.Tensor | None = None
-        self._in_width = self._width_of(self.base_widths)[1]
+        self._in_index, self._in_width = self._width_of(self.base_widths)
 
     # -- widths ---------------------------------------------------------------------------------
     def _width_of(self, widths: dict[str, int]) -> tuple[torch.Tensor | None, int]:

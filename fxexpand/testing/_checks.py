@@ -17,17 +17,22 @@ from .. import recipes
 from ..api import compile as fx_compile
 from ..api import contract
 from ..core import (
+    DynamicLayer,
     EquivalenceError,
     Pass,
+    PreconditionError,
     PassManager,
     PassResult,
     find_regions,
+    flatten_outputs,
     propagate_shapes,
     trace,
 )
 from ..cost import count_flops
 from ..export import export_onnx
+from ..netaug import WidthSampler, netaug_loss, set_width, use_width
 from ..passes import (
+    AugmentWidth,
     DecayActivations,
     FoldBatchNorm,
     FuseLinear,
@@ -46,6 +51,7 @@ __all__ = [
     "check_deploy",
     "check_pass",
     "check_verify_each",
+    "check_netaug",
     "BreakOutput",
 ]
 
@@ -284,3 +290,99 @@ def check_verify_each(model: nn.Module, example_inputs: tuple, position: int) ->
         _require(f"passes run before it: {before})" in msg, msg)
         return CheckResult("verify_each", "ok", f"named BreakOutput at position {position}")
     raise AssertionError("verify_each did not catch the injected BreakOutput")
+
+
+def _scalar_loss(out: Any, _target: Any = None) -> torch.Tensor:
+    """A loss that depends on every output element (any output structure)."""
+    return sum(t.float().square().mean() for _, t in flatten_outputs(out) if t.is_floating_point())
+
+
+def check_netaug(model: nn.Module, example_inputs: tuple, *, configs: int = 3, seed: int = 0,
+                 pass_factory: Callable[[], Pass] | None = None) -> CheckResult:
+    """NetAug's properties on ``model``: base mode equals the original (float64 ≤ 1e-12 relative, eval
+    and train mode; float32 ≤ 1e-5); every sampled configuration and the largest one run forward and
+    backward with finite gradients, and the augmented loss's gradient reaches the base weights;
+    after two NetAug steps, ``contract`` → strict ``load_state_dict`` into the original architecture
+    → equal outputs (≤ 1e-12); ``model`` is untouched. ``"not applicable"``: no free channel group."""
+    snap = snapshot(model)
+    make = pass_factory or (lambda: AugmentWidth(seed=seed))
+    errors: dict[str, float] = {}
+    ref = copy.deepcopy(model).double().eval()
+    xs = tuple(t.double() if t.is_floating_point() else t for t in example_inputs)
+    try:
+        aug = fx_compile(ref, passes=[make()], example_inputs=xs)
+    except PreconditionError as e:
+        if "no channel group" in str(e):
+            assert_unchanged(model, snap, "check_netaug")
+            return CheckResult("netaug", "not applicable", str(e))
+        raise
+    _require(any(isinstance(m, DynamicLayer) for m in aug.modules()), "AugmentWidth made no dynamic layer")
+    aug.eval()
+    errors["base_eval"] = _compare(ref, aug, [xs], "base mode (eval)", 1e-12)
+    ref_t, aug_t = copy.deepcopy(ref).train(), copy.deepcopy(aug).train()
+    torch.manual_seed(seed)
+    a = ref_t(*xs)
+    torch.manual_seed(seed)
+    b = aug_t(*xs)
+    errors["base_train"] = rel_error(a, b)
+    _require(errors["base_train"] <= 1e-12, f"base mode (train): relative error {errors['base_train']:.3e}")
+    ref_mods = dict(ref_t.named_modules())
+    for name, m in aug_t.named_modules():
+        if isinstance(m, DynamicLayer) and getattr(m, "running_mean", None) is not None:
+            e, r = m.extract(), ref_mods[name]
+            _require(torch.allclose(e.running_mean, r.running_mean, rtol=1e-12, atol=1e-15)
+                     and torch.allclose(e.running_var, r.running_var, rtol=1e-12, atol=1e-15),
+                     f"base mode updated the running statistics of {name} differently from the original")
+    # every sampled configuration (and the largest) runs forward and backward; gradients reach the base
+    sampler = WidthSampler(aug, seed=seed, total_steps=10 * configs)
+    dyn = [m for m in aug.modules() if isinstance(m, DynamicLayer)]
+    aug.train()
+    aug.zero_grad(set_to_none=True)
+    with use_width(aug, "base", augmented=True):  # a zero-initialised head blocks every gradient: compare
+        _scalar_loss(aug(*xs)).backward()
+    reaches = sum(float(_base_slice_grad(m).abs().sum()) for m in dyn) > 0
+    for step, cfg in [(i, sampler.sample(i)) for i in range(configs)] + [(-1, "max")]:
+        aug.zero_grad(set_to_none=True)
+        stats = [t.clone() for t in _running(aug)]
+        with use_width(aug, cfg):
+            _scalar_loss(aug(*xs)).backward()
+        grads = [p.grad for p in aug.parameters() if p.grad is not None]
+        _require(grads and all(torch.isfinite(g).all() for g in grads), f"config {step}: non-finite gradients")
+        base_grad = sum(float(_base_slice_grad(m).abs().sum()) for m in dyn)
+        _require(base_grad > 0 or not reaches,
+                 f"config {step}: the augmented loss's gradient does not reach the base weights")
+        _require(all(torch.equal(s, t) for s, t in zip(stats, _running(aug))),
+                 f"config {step}: an augmented forward changed the running statistics")
+    # train two NetAug steps, contract, load into the original architecture
+    opt = torch.optim.SGD(aug.parameters(), lr=1e-3)
+    for step in range(2 if len(xs) == 1 else 0):  # one step with one backward, one with two
+        opt.zero_grad(set_to_none=True)
+        loss = netaug_loss(aug, sampler, step, xs[0], None, _scalar_loss, separate_backward=step == 1)
+        if step == 0:
+            loss.backward()
+        opt.step()
+    aug.eval()
+    small = contract(aug, xs)
+    restored = copy.deepcopy(ref)
+    restored.load_state_dict(small.state_dict(), strict=True)
+    errors["contract"] = _compare(aug, restored, [xs], "contracted + strict load", 1e-12)
+    # float32: the same pass on a float32 copy
+    ref32 = copy.deepcopy(model).float().eval()
+    aug32 = fx_compile(ref32, passes=[make()], example_inputs=tuple(example_inputs)).eval()
+    errors["base_float32"] = _compare(ref32, aug32, [tuple(example_inputs)], "base mode float32", 1e-5)
+    assert_unchanged(model, snap, "check_netaug")
+    return CheckResult("netaug", "ok", f"{len(dyn)} dynamic layers", errors)
+
+
+def _running(model: nn.Module) -> list[torch.Tensor]:
+    return [b for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
+
+
+def _base_slice_grad(layer: DynamicLayer) -> torch.Tensor:
+    w = getattr(layer, "weight", None)
+    if w is None or w.grad is None:
+        return torch.zeros(1)
+    cols = layer.base_positions()
+    if w.dim() == 1 or layer.depthwise:
+        return w.grad[cols]
+    return w.grad[:layer.base_widths[layer.out_group]][:, cols]

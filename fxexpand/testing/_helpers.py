@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..core import RESTORABLE_TYPES, get_module, layer_config, trace
+from ..core import RESTORABLE_TYPES, DynamicLayer, get_module, layer_config, trace
 
 __all__ = ["randomize_bn", "rel_error", "snapshot", "assert_unchanged", "graph_signature", "assert_graph_matches"]
 
@@ -68,6 +68,9 @@ def assert_unchanged(model: nn.Module, snap: tuple[dict, str, dict], what: str =
 
 
 def _describe_module(m: nn.Module) -> str:
+    if isinstance(m, DynamicLayer):
+        shape = tuple(m.weight.shape) if getattr(m, "weight", None) is not None else ()
+        return f"{type(m).__name__}[{m.original_cls.__name__}]{shape}"
     if type(m).__name__ in RESTORABLE_TYPES and type(m) in RESTORABLE_TYPES.values():
         cfg = layer_config(m)
         cfg.pop("padding_mode", None)
