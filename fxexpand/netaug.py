@@ -110,13 +110,16 @@ class WidthSampler:
         self.record = width_record(model)
         self.seed = int(seed)
         self.total_steps = total_steps
-        if self.record.stop_width_at is not None and total_steps is None:
-            warnings.warn("WidthSampler without total_steps: width augmentation will not stop at "
-                          f"stop_width_at={self.record.stop_width_at}; pass total_steps", stacklevel=2)
+        self._warned = False
 
     def width_active(self, step: int) -> bool:
         """Whether "width" groups are still augmented at ``step``."""
         stop = self.record.stop_width_at
+        if stop is not None and self.total_steps is None and not self._warned:
+            self._warned = True
+            warnings.warn("WidthSampler without total_steps: width augmentation will not stop at "
+                          f"stop_width_at={stop}; pass total_steps (Trainer and the Lightning callback set it)",
+                          stacklevel=3)
         return stop is None or self.total_steps is None or step < stop * self.total_steps
 
     def sample(self, step: int) -> dict[str, int]:
