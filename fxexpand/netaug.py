@@ -32,13 +32,20 @@ from .core import DynamicLayer, InputError, WidthRecord, get_record, unwrap
 __all__ = ["WidthSampler", "set_width", "use_width", "netaug_loss", "sort_channels", "width_record"]
 
 
+def _augmented(model: nn.Module) -> tuple[nn.Module, WidthRecord]:
+    """The module built by ``AugmentWidth`` (``model`` or a submodule, e.g. in a LightningModule)."""
+    for m in unwrap(model).modules():
+        rec = get_record(m, WidthRecord)
+        if rec is not None:
+            return m, rec
+    raise InputError("this model has no augmentable widths: build it with "
+                     "fxexpand.compile(model, passes=[AugmentWidth(...)], example_inputs=...)")
+
+
 def width_record(model: nn.Module) -> WidthRecord:
-    """The :class:`~fxexpand.core.WidthRecord` of a model built with ``AugmentWidth``."""
-    rec = get_record(unwrap(model), WidthRecord)
-    if rec is None:
-        raise InputError("this model has no augmentable widths: build it with "
-                         "fxexpand.compile(model, passes=[AugmentWidth(...)], example_inputs=...)")
-    return rec
+    """The :class:`~fxexpand.core.WidthRecord` of a model built with ``AugmentWidth`` (or of the
+    augmented module inside it, e.g. a LightningModule holding it)."""
+    return _augmented(model)[1]
 
 
 def _dynamic_layers(model: nn.Module) -> list[DynamicLayer]:
@@ -181,8 +188,8 @@ def sort_channels(model: nn.Module, *, scope: Literal["augmented", "all"] = "aug
     Returns the permutation applied to each group."""
     if scope not in ("augmented", "all"):
         raise ValueError("scope must be 'augmented' or 'all'")
-    rec = width_record(model)
-    layers = dict(unwrap(model).named_modules())
+    root, rec = _augmented(model)
+    layers = dict(root.named_modules())
     perms: dict[str, torch.Tensor] = {}
     for gid, spec in rec.groups.items():
         if spec.axis != "expand":

@@ -58,6 +58,23 @@ def test_round_trip_is_not_vacuous(config):
     pytest.fail(f"{config}: no generated model among seeds 0..39 was expanded and contracted")
 
 
+# -- NetAug: base mode, every sampled configuration, contraction -------------------------------------
+@settings(max_examples=40, **SETTINGS)
+@given(case=ft.models())
+def test_netaug_properties(case):
+    _show(case)
+    result = ft.check_netaug(case.model, case.example_inputs, seed=case.seed)
+    note(str(result))
+    assert result.status in ("ok", "not applicable")
+    assert (result.status == "ok") == bool(result.errors), result
+
+
+def test_netaug_properties_are_not_vacuous():
+    """Most generated models with a conv have a free channel group that AugmentWidth augments."""
+    statuses = [ft.check_netaug(*ft.random_model(seed), seed=seed).status for seed in range(30)]
+    assert statuses.count("ok") >= 10, statuses
+
+
 # -- deploy target, FLOPs, ONNX ---------------------------------------------------------------------
 @settings(max_examples=25, **SETTINGS)
 @given(case=ft.models())

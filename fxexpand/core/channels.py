@@ -198,6 +198,14 @@ def analyse(gm: fx.GraphModule, depthwise: Iterable[str] | None = None, *, layer
                 s = space(f"{node.target}", mod.out_features)
                 layers.append(Layer(node.target, "linear", node, lx, s))
                 out = Layout((s,), dim=_last_dim(node))
+            elif isinstance(mod, nn.Linear) and not shared and lx is not None and len(ins) == 1 \
+                    and lx.dim == 1 and (_ndim(x) or 0) > 2:
+                # a Linear on the last dim of a tensor tracked on dim 1 (tokens): that dim stops being
+                # tracked here (frozen); the Linear's input width is fixed, its output can be resized
+                freeze(lx, f"Linear {node.target} acts on the last dim of a tensor tracked on dim 1")
+                s = space(f"{node.target}", mod.out_features)
+                layers.append(Layer(node.target, "linear", node, None, s))
+                out = Layout((s,), dim=_last_dim(node))
             elif isinstance(mod, nn.Linear) and not shared and lx is None and len(ins) <= 1:
                 # input width fixed (not a tracked tensor); the output can still be resized
                 s = space(f"{node.target}", mod.out_features)
