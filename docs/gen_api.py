@@ -23,7 +23,10 @@ SECTIONS = [
                                 "compare_onnx", "save", "load", "build_model", "register_factory",
                                 "expansion_report", "count_parameters", "count_flops"]),
     ("Schedules", fxexpand, ["LinearDecay", "set_decay", "get_decay"]),
-    ("Training", fxexpand.train, ["DecaySchedule", "Trainer", "sync_buffers", "unwrap", "lightning_callback"]),
+    ("Training", fxexpand.train, ["DecaySchedule", "Trainer", "sync_buffers", "unwrap", "lightning_callback",
+                                  "netaug_lightning_callback"]),
+    ("NetAug", fxexpand, ["WidthSampler", "set_width", "use_width", "netaug_loss", "sort_channels",
+                          "width_record"]),
     ("Pass infrastructure", fxexpand, ["Pass", "PassResult", "PassManager", "Note", "register_pass",
                                        "registered_passes", "get_pass", "build_pass"]),
     ("Engine names for pass authors (fxexpand.core)", fxexpand.core, [
@@ -32,9 +35,12 @@ SECTIONS = [
         "bn_as_op", "analyse", "resize"]),
     ("Typed records (fxexpand.core)", fxexpand.core, [
         "set_record", "get_record", "ModuleRenames", "ParameterOrigins", "Recipe", "GrowthRecord", "ChainRecord",
-        "ModelFactory"]),
+        "ModelFactory", "WidthRecord", "WidthGroup"]),
+    ("Width-dynamic layers (fxexpand.core)", fxexpand.core, [
+        "DynamicLayer", "DynamicConv", "DynamicLinear", "DynamicBatchNorm", "DynamicLayerNorm"]),
     ("Pipelines", fxexpand.pipelines, ["contraction", "depth_growth", "width_growth"]),
-    ("Passes", fxexpand.passes, ["InsertInvertedResidual", "LinearExpand", "DecayActivations",
+    ("Passes", fxexpand.passes, ["InsertInvertedResidual", "LinearExpand", "DecayActivations", "AugmentWidth",
+                                 "ExtractBase",
                                  "RemoveIdentity", "FoldBatchNorm", "FuseLinear",
                                  "RestoreOriginal", "Verify"]),
     ("Network Expansion (growth)", fxexpand, ["GrowthPlan", "Stage", "EMA", "find_chains", "rebuild_optimizer"]),
