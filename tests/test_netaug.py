@@ -1,7 +1,11 @@
 """NetAug end to end: model zoo, BatchNorm semantics, sampling, channel sorting, training helpers."""
 
 import copy
+import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,3 +322,14 @@ def test_lightning_callback():
     assert any(not torch.equal(v, aug.state_dict()[k]) for k, v in before.items())
     assert all(m.is_base for m in aug.modules() if isinstance(m, DynamicLayer))
     fxexpand.contract(aug.eval(), (ds.tensors[0][:2],))
+
+
+def test_benchmark_quick_mode_runs(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "netaug_bench.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--rounds", "2", "--mem-steps", "1",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "netaug_bench_quick.json").read_text())
+    for r in res["models"].values():
+        assert r["flops_ratio_floor"] > 1.5 and r["saved_activation_ratio"]["netaug-2bw"] < r["saved_activation_ratio"]["netaug"]
+        assert r["step_time_ratio"]["vanilla"] == 1.0 and r["step_time_ratio"]["netaug"] > 1.0
