@@ -38,6 +38,7 @@ from torch import nn
 from . import models as _models
 from .api import compile as _compile
 from .core import (
+    DynamicLayer,
     LoadError,
     ModelFactory,
     Recipe,
@@ -144,6 +145,9 @@ def save(
         raise ValueError(f"factory names look like 'package:function', got {factory!r}")
     made_with = get_record(model, Recipe)
     recipe = list(made_with.passes) if made_with is not None else []
+    if input_shape is None and any(isinstance(m, DynamicLayer) for m in model.modules()):
+        raise ValueError("an augmented (AugmentWidth) model is rebuilt from its input shape: pass "
+                         "input_shape=(batch, channels, ...) to save()")
     if made_with is not None and not made_with.replayable:
         raise ValueError(
             "this expanded model was made with a pass whose arguments cannot be recorded as plain values "
@@ -251,21 +255,22 @@ def _from_payload(p: Path, obj: dict, allow: Iterable[str]) -> LoadedModel:
         recipe = []
     if not isinstance(recipe, list):
         raise LoadError(f"{p} has a malformed pass recipe")
+    shape = obj.get("input_shape")
+    if shape is not None and not (isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape)):
+        raise LoadError(f"{p} records an invalid input shape {shape!r}")
     if recipe:
-        model = _rebuild_expanded(p, model, recipe)
+        model = _rebuild_expanded(p, model, recipe, shape)
     try:
         model.load_state_dict(sd, strict=True)
     except Exception as e:
         raise LoadError(f"the weights in {p} do not fit {factory}({kwargs}): {_short(str(e))}") from e
-    shape = obj.get("input_shape")
-    if shape is not None and not (isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape)):
-        raise LoadError(f"{p} records an invalid input shape {shape!r}")
     source = factory if not recipe else f"{factory} expanded by {'+'.join(r[0] for r in recipe)}"
     return LoadedModel(model, source, shape)
 
 
-def _rebuild_expanded(p: Path, model: nn.Module, recipe: Any) -> nn.Module:
-    """Re-run the recorded passes (registered passes only, plain keyword arguments)."""
+def _rebuild_expanded(p: Path, model: nn.Module, recipe: Any, shape: list[int] | None = None) -> nn.Module:
+    """Re-run the recorded passes (registered passes only, plain keyword arguments), with example
+    inputs of the recorded shape when there is one (passes such as AugmentWidth need shapes)."""
 
     reg = registered_passes()
     passes = []
@@ -283,7 +288,8 @@ def _rebuild_expanded(p: Path, model: nn.Module, recipe: Any) -> nn.Module:
         except Exception as e:
             raise LoadError(f"{p}: pass {name} rejected its recorded arguments {kwargs}: {e}") from e
     try:
-        return _compile(model, passes=passes)
+        example = None if shape is None else (torch.zeros(shape),)
+        return _compile(model, passes=passes, example_inputs=example)
     except Exception as e:
         raise LoadError(f"{p}: re-running the expansion recipe failed: {type(e).__name__}: {e}") from e
 

@@ -332,4 +332,26 @@ def test_benchmark_quick_mode_runs(tmp_path):
     res = json.loads((tmp_path / "netaug_bench_quick.json").read_text())
     for r in res["models"].values():
         assert r["flops_ratio_floor"] > 1.5 and r["saved_activation_ratio"]["netaug-2bw"] < r["saved_activation_ratio"]["netaug"]
-        assert r["step_time_ratio"]["vanilla"] == 1.0 and r["step_time_ratio"]["netaug"] > 1.0
+        assert r["step_time_ratio"]["vanilla"] == 1.0  # ratios only: no timing asserted
+
+
+def test_save_and_load_an_augmented_model(tmp_path):
+    """fxexpand.save records the pass recipe and the input shape; load rebuilds the augmented model
+    (AugmentWidth is deterministic) and loads its weights; without an input shape save refuses."""
+    model = fxexpand.build_model("torchvision:mobilenet_v2", width_mult=0.35, num_classes=10)
+    aug = _augment(model, X)
+    fxexpand.set_width(aug, "max")
+    with torch.no_grad():
+        for p in aug.parameters():
+            p.add_(0.01)
+    fxexpand.set_width(aug, "base")
+    with pytest.raises(ValueError, match="input_shape"):
+        fxexpand.save(aug, tmp_path / "a.pt")
+    assert not (tmp_path / "a.pt").exists()
+    fxexpand.save(aug, tmp_path / "a.pt", input_shape=(2, 3, 24, 24))
+    back = fxexpand.load(tmp_path / "a.pt")
+    assert fxexpand.width_record(back).groups.keys() == fxexpand.width_record(aug).groups.keys()
+    for cfg in ("base", "max"):
+        fxexpand.set_width(aug, cfg), fxexpand.set_width(back, cfg)
+        with torch.no_grad():
+            assert torch.equal(aug.eval()(X), back.eval()(X))
