@@ -81,7 +81,7 @@ from .infra import (
     required_arguments,
     unregister_pass,
 )
-from .modules import DecayActivation, Residual
+from .modules import DecayActivation, GradientScale, Residual
 from .ops import (
     ADD_FUNCS,
     BN_FUNCS,
@@ -115,6 +115,7 @@ from .provenance import (
     Recipe,
     WidthGroup,
     WidthRecord,
+    ExitRecord,
     build_layer,
     find_regions,
     get_record,
@@ -164,14 +165,14 @@ __all__ = [
     "Note", "Pass", "PassManager", "PassResult", "ScopedPass", "build_pass", "get_pass", "register_pass",
     "registered_passes", "required_arguments", "unregister_pass",
     # modules
-    "DecayActivation", "Residual",
+    "DecayActivation", "GradientScale", "Residual",
     # ops
     "ADD_FUNCS", "BN_FUNCS", "BN_MODULES", "BN_TYPES", "CONV_FUNCS", "CONV_MODULES", "CONV_TYPES", "LINEAR_FUNCS",
     "BNParams", "LinearOp", "as_int_tuple", "bias_sink", "bn_of", "is_add", "linear_op_of", "linear_param_names", "node_arg",
     "norm_padding", "shared_use", "site_name",
     # provenance
     "RESTORABLE_TYPES", "ChainRecord", "ExpandedRegion", "GrowthRecord", "ModelFactory", "ModuleRenames", "ParameterOrigins",
-    "Recipe", "WidthGroup", "WidthRecord", "build_layer", "find_regions", "get_record", "keep_attr", "layer_config", "persistent_records", "region_of", "set_record",
+    "Recipe", "WidthGroup", "WidthRecord", "ExitRecord", "build_layer", "find_regions", "get_record", "keep_attr", "layer_config", "persistent_records", "region_of", "set_record",
     "set_traced_regions", "traced_regions",
     # select
     "ACTIVATION_MODULES", "BLOCK_TYPES", "activation_near", "conv_problem", "evenly_spaced", "select_targets",

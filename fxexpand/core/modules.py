@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["DecayActivation", "Residual"]
+__all__ = ["DecayActivation", "Residual", "GradientScale"]
 
 _KINDS = ("leaky", "blend")
 
@@ -75,3 +75,32 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+class GradientScale(nn.Module):
+    """The identity in the forward pass; multiplies the gradient by ``scale`` in the backward pass
+    (BoostNet's gradient rescaling, Eq. 7). fxexpand's tracer keeps it as one call; contraction
+    and early-exit export remove it (it computes nothing at inference)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = float(scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.6g}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return x
+        return _ScaleGrad.apply(x, self.scale)

@@ -47,6 +47,7 @@ __all__ = [
     "ModelFactory",
     "WidthGroup",
     "WidthRecord",
+    "ExitRecord",
     "set_record",
     "get_record",
     "persistent_records",
@@ -283,6 +284,25 @@ class WidthRecord:
 
     def max(self) -> dict[str, int]:
         return {g: s.max for g, s in self.groups.items()}
+
+
+@dataclass
+class ExitRecord:
+    """What :class:`~fxexpand.passes.InsertEarlyExits` built: for each exit (in order, the
+    backbone's own output last) the trunk node it reads (None for the last), its head module
+    (None for the last: the backbone's own tail) and its temperature; whether outputs are boosted
+    and gradients rescaled; the number of classes."""
+
+    points: list[str | None] = field(default_factory=list)
+    heads: list[str | None] = field(default_factory=list)
+    temperatures: list[float] = field(default_factory=list)
+    boost: bool = True
+    rescale_gradients: bool = True
+    num_classes: int = 0
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.heads)
 
 
 _PERSISTENT_KEY = "fxexpand_records"

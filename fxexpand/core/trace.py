@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import TraceError
 from .dynamic import DynamicLayer
-from .modules import DecayActivation
+from .modules import DecayActivation, GradientScale
 from .provenance import ExpandedRegion, find_regions, set_traced_regions
 
 __all__ = ["trace", "trace_with_calls", "ModuleCall"]
@@ -152,7 +152,7 @@ def trace_with_calls(
     bad = [x for x in leaf_modules if not (isinstance(x, str) or (isinstance(x, type) and issubclass(x, nn.Module)))]
     if bad:
         raise TypeError(f"leaf_modules must be nn.Module subclasses or qualified names, got {bad!r}")
-    leaf_types = tuple(x for x in leaf_modules if isinstance(x, type)) + (DecayActivation, DynamicLayer) + _mode_dependent_types()
+    leaf_types = tuple(x for x in leaf_modules if isinstance(x, type)) + (DecayActivation, GradientScale, DynamicLayer) + _mode_dependent_types()
     if not inline_regions:
         leaf_types += (ExpandedRegion,)
     leaf_names = frozenset(x for x in leaf_modules if isinstance(x, str))

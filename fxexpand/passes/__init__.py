@@ -12,6 +12,9 @@ Expansion: :class:`InsertInvertedResidual` (``"insert_inverted_residual"``, NetB
 NetAug: :class:`AugmentWidth` (``"augment_width"``) builds the weight-shared augmented model;
 :class:`ExtractBase` (``"extract_base"``) slices it back to the tiny model during contraction.
 
+BoostNet: :class:`InsertEarlyExits` (``"insert_early_exits"``) adds boosted early exits;
+:class:`RemoveExits` (``"remove_exits"``) takes them out again during contraction.
+
 Growth (Network Expansion): :class:`InsertEMABlocks` (``"insert_ema_blocks"``, depth; needs
 ``ema_model``) and :class:`GrowWidth` (``"grow_width"``, width).
 
@@ -24,6 +27,7 @@ from .extract_base import ExtractBase
 from .fold_batchnorm import FoldBatchNorm
 from .fuse_linear import FuseLinear
 from .grow_width import GrowWidth
+from .insert_early_exits import InsertEarlyExits
 from .insert_ema_blocks import InsertEMABlocks
 from .insert_inverted_residual import InsertInvertedResidual
 from .linear_expand import LinearExpand
@@ -38,6 +42,7 @@ __all__ = [
     "FoldBatchNorm",
     "FuseLinear",
     "GrowWidth",
+    "InsertEarlyExits",
     "InsertEMABlocks",
     "InsertInvertedResidual",
     "LinearExpand",
