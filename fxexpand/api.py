@@ -20,6 +20,7 @@ from .core import (
     CONV_TYPES,
     ContractionError,
     DecayActivation,
+    ExitRecord,
     ExpandedRegion,
     InputError,
     ModuleRenames,
@@ -233,7 +234,8 @@ def contract(
             inputs64 = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                              for t in inputs)
             out64, _ = _contract_once(copy.deepcopy(model).double(), inputs64, **opts)
-        report.verification = verify_models(model, out, inputs, rtol=rtol, atol=atol, trials=trials,
+        reference = _backbone_reference(model) if get_record(model, ExitRecord) is not None else model
+        report.verification = verify_models(reference, out, inputs, rtol=rtol, atol=atol, trials=trials,
                                             candidate64=out64)
     keep_attr(out, "fxexpand_report", report)
     keep_attr(out, "_version", getattr(model, "_version", 1))
@@ -246,6 +248,8 @@ def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, conc
                    verify_each, rtol, atol) -> tuple[fx.GraphModule, list[Note]]:
     work.eval()
     gm = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args, inline_regions=True)
+    for record in persistent_records(work):  # what the model's passes recorded (exits, widths)
+        set_record(gm, record)
     propagate_shapes(gm, inputs)
     notes: list[Note] = []
     for manager in pipelines.contraction(target, extra_passes=tuple(extra_passes), verify_each=verify_each,
@@ -258,6 +262,16 @@ def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, conc
     gm.delete_all_unused_submodules()
     gm.eval()
     return gm, notes + _unknown_layer_notes(gm)
+
+
+def _backbone_reference(model: nn.Module) -> nn.Module:
+    """A multi-exit model returns (F_1, ..., F_N); its contraction returns the backbone's f_N. The
+    reference is the same model with only the exits removed (in eval mode)."""
+    work = copy.deepcopy(model).eval()
+    gm = trace(work)
+    for record in persistent_records(work):
+        set_record(gm, record)
+    return pipelines.exit_removal()(gm).graph_module.eval()
 
 
 def _unknown_layer_notes(gm: fx.GraphModule) -> list[Note]:

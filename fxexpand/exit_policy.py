@@ -83,7 +83,7 @@ def _scores(scores: torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(scores).detach()
     if t.dim() != 2 or t.shape[0] < 1:
         raise ValueError(f"scores must have shape [N_exits, S], got {tuple(t.shape)}")
-    if not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+    if t.dtype == torch.bool or t.is_complex():
         raise ValueError(f"scores must be real numbers, got dtype {t.dtype}")
     t = t.to(dtype=torch.float64, device="cpu")
     if not bool(torch.isfinite(t).all()):

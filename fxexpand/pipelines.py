@@ -20,6 +20,7 @@ from .core import Pass, PassManager, build_pass
 from .passes import (
     DecayActivations,
     ExtractBase,
+    RemoveExits,
     FoldBatchNorm,
     FuseLinear,
     GrowWidth,
@@ -31,7 +32,7 @@ from .passes import (
 )
 
 __all__ = [
-    "contraction", "netbooster", "expandnets", "get_recipe", "RECIPES", "depth_growth", "width_growth",
+    "contraction", "exit_removal", "netbooster", "expandnets", "get_recipe", "RECIPES", "depth_growth", "width_growth",
     "RESTORE_PASS",
 ]
 
@@ -51,6 +52,7 @@ def contraction(
     """The pass managers :func:`fxexpand.contract` runs, in order.
 
     0. :class:`ExtractBase`: NetAug's dynamic layers become the original layers at base width;
+       :class:`RemoveExits`: BoostNet's exits come out (the output is the backbone's own f_N);
     1. :class:`RemoveIdentity`, :class:`FoldBatchNorm`, :class:`FuseLinear` (and ``extra_passes``) to
        a fixed point, limited to expanded regions for target "original";
     2. for target "original", :class:`RestoreOriginal` (declared to run after the three above).
@@ -59,10 +61,17 @@ def contraction(
     passes: list[Pass] = [RemoveIdentity(scope=scope), FoldBatchNorm(scope=scope), FuseLinear(scope=scope),
                           *[build_pass(p) for p in extra_passes]]
     opts = dict(verify_each=verify_each, example_inputs=example_inputs, rtol=rtol, atol=atol)
-    managers = [PassManager(passes=[ExtractBase()], **opts), PassManager(passes=passes, fixed_point=True, **opts)]
+    managers = [PassManager(passes=[ExtractBase(), RemoveExits()], **opts),
+                PassManager(passes=passes, fixed_point=True, **opts)]
     if target == "original":
         managers.append(PassManager(passes=[RestoreOriginal()], **opts))
     return managers
+
+
+def exit_removal() -> PassManager:
+    """The pass manager that takes BoostNet's exits out of a multi-exit model (its output becomes
+    the backbone's own f_N): the reference :func:`fxexpand.contract` verifies such a model against."""
+    return PassManager(passes=[RemoveExits()])
 
 
 # -- the papers' recipes ------------------------------------------------------------------------------

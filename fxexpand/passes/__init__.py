@@ -31,6 +31,7 @@ from .insert_early_exits import InsertEarlyExits
 from .insert_ema_blocks import InsertEMABlocks
 from .insert_inverted_residual import InsertInvertedResidual
 from .linear_expand import LinearExpand
+from .remove_exits import RemoveExits
 from .remove_identity import RemoveIdentity
 from .restore_original import RestoreOriginal
 from .verify import Verify
@@ -46,6 +47,7 @@ __all__ = [
     "InsertEMABlocks",
     "InsertInvertedResidual",
     "LinearExpand",
+    "RemoveExits",
     "RemoveIdentity",
     "RestoreOriginal",
     "Verify",
