@@ -23,6 +23,7 @@ from torch import nn
 
 from .api import contract
 from .core import unwrap
+from .exits import loss as exits_loss
 from .netaug import WidthSampler, netaug_loss, set_width, sort_channels
 from .schedule import LinearDecay, decay_modules
 
@@ -102,7 +103,8 @@ class Trainer:
     Callbacks are called as ``cb(event, trainer, **info)`` with events ``"step"`` (``loss``, ``alpha``,
     ``step``) and ``"epoch"`` (``epoch``, ``loss``, ``alpha``).
 
-    NetAug (a model built with ``AugmentWidth``): pass ``netaug=WidthSampler(model, seed)`` (its
+    A multi-exit model (``InsertEarlyExits``) is trained on the sum of its exits' losses
+    (:func:`fxexpand.exits.loss`). NetAug (a model built with ``AugmentWidth``): pass ``netaug=WidthSampler(model, seed)`` (its
     ``total_steps`` is set from the epochs if unset); each step then minimises
     :func:`~fxexpand.netaug_loss` with ``netaug_alpha`` (one backward, or two with
     ``separate_backward=True``), ``sort_channels`` ("augmented" or "all") re-sorts hidden channels
@@ -154,7 +156,9 @@ class Trainer:
                     if not self.separate_backward:
                         loss.backward()
                 else:
-                    loss = self.loss_fn(self.model(x), y)
+                    out = self.model(x)
+                    # a multi-exit model (InsertEarlyExits) returns (F_1, ..., F_N): BoostNet's summed loss
+                    loss = exits_loss(out, y, self.loss_fn) if isinstance(out, (tuple, list)) else self.loss_fn(out, y)
                     loss.backward()
                 step += 1
                 self.optimizer.step()
