@@ -79,3 +79,17 @@ def test_ddp_netaug_ranks_run_the_same_augmented_models_and_resume(tmp_path):
     _torchrun_netaug(tmp_path, part, "--resume", str(part / "checkpoint.pt"))
     rest = torch.load(part / "rank0_resumed.pt", weights_only=False)["configs"]
     assert first + rest == straight
+
+
+def test_ddp_early_exits_every_head_gets_gradients(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "examples" / "ddp_exits.py"), "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / "out" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["exits"] == 2 and len(r0["heads_had_grad"]) > 10 and all(r0["heads_had_grad"] + r1["heads_had_grad"])
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), k
+    for k in r0["contracted"]:
+        assert torch.equal(r0["contracted"][k], r1["contracted"][k]), k
