@@ -13,6 +13,7 @@ from pathlib import Path
 
 import fxexpand
 import fxexpand.core
+import fxexpand.exits
 import fxexpand.passes
 import fxexpand.pipelines
 import fxexpand.testing
@@ -25,6 +26,9 @@ SECTIONS = [
     ("Schedules", fxexpand, ["LinearDecay", "set_decay", "get_decay"]),
     ("Training", fxexpand.train, ["DecaySchedule", "Trainer", "sync_buffers", "unwrap", "lightning_callback",
                                   "netaug_lightning_callback"]),
+    ("BoostNet early exits (fxexpand.exits)", fxexpand.exits, [
+        "loss", "segments", "exit_costs", "collect", "anytime", "fit", "evaluate", "budget_curve", "Policy",
+        "export", "Runner", "exit_record"]),
     ("NetAug", fxexpand, ["WidthSampler", "set_width", "use_width", "netaug_loss", "sort_channels",
                           "width_record"]),
     ("Pass infrastructure", fxexpand, ["Pass", "PassResult", "PassManager", "Note", "register_pass",
@@ -35,12 +39,12 @@ SECTIONS = [
         "bn_as_op", "analyse", "resize"]),
     ("Typed records (fxexpand.core)", fxexpand.core, [
         "set_record", "get_record", "ModuleRenames", "ParameterOrigins", "Recipe", "GrowthRecord", "ChainRecord",
-        "ModelFactory", "WidthRecord", "WidthGroup"]),
+        "ModelFactory", "WidthRecord", "WidthGroup", "ExitRecord"]),
     ("Width-dynamic layers (fxexpand.core)", fxexpand.core, [
         "DynamicLayer", "DynamicConv", "DynamicLinear", "DynamicBatchNorm", "DynamicLayerNorm"]),
     ("Pipelines", fxexpand.pipelines, ["contraction", "depth_growth", "width_growth"]),
     ("Passes", fxexpand.passes, ["InsertInvertedResidual", "LinearExpand", "DecayActivations", "AugmentWidth",
-                                 "ExtractBase",
+                                 "ExtractBase", "InsertEarlyExits", "RemoveExits",
                                  "RemoveIdentity", "FoldBatchNorm", "FuseLinear",
                                  "RestoreOriginal", "Verify"]),
     ("Network Expansion (growth)", fxexpand, ["GrowthPlan", "Stage", "EMA", "find_chains", "rebuild_optimizer"]),

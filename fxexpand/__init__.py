@@ -6,7 +6,7 @@ Entry points: :func:`trace`, :func:`compile`, :func:`contract`, :func:`verify`, 
 :mod:`fxexpand.pipelines` composes them (docs/architecture.md).
 """
 
-from . import passes, pipelines, recipes
+from . import exits, passes, pipelines, recipes
 from .api import ContractReport, compile, contract
 from .bench import LatencyStats, benchmark_onnx, compare_onnx
 from .core import (
@@ -46,7 +46,7 @@ from .schedule import LinearDecay, get_decay, set_decay
 __version__ = "0.1.0"
 
 __all__ = [
-    "passes", "pipelines", "recipes", "GrowthPlan", "Stage", "EMA", "find_chains", "rebuild_optimizer",
+    "passes", "pipelines", "recipes", "exits", "GrowthPlan", "Stage", "EMA", "find_chains", "rebuild_optimizer",
     "WidthSampler", "set_width", "use_width", "netaug_loss", "sort_channels", "width_record", "expansion_report", "report_table", "LinearDecay", "set_decay", "get_decay",
     "trace", "compile", "contract", "verify", "export_onnx", "benchmark_onnx", "compare_onnx",
     "save", "load", "build_model", "register_factory", "count_flops", "count_parameters",

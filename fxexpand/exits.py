@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -333,6 +332,8 @@ class Runner:
         if payload.get("format") != "fxexpand-early-exit":
             raise InputError(f"{d / 'policy.json'} is not an fxexpand early-exit manifest")
         self.policy = Policy.from_dict(payload["policy"])
+        import onnxruntime as ort  # lazy: only deployment needs it (import time of `import fxexpand`)
+
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -32,7 +32,8 @@ ALLOWED_LOCAL_IMPORTS = {
     ("export.py", "onnx"),  # ~0.05 s, only export needs it
     ("export.py", "onnxruntime"),  # ~0.07 s, only export and timing need it
     ("bench.py", "onnxruntime"),
-    ("exit_policy.py", "matplotlib.figure"),  # optional extra, only the plot needs it
+    ("exit_policy.py", "matplotlib.figure"),
+    ("exits.py", "onnxruntime"),  # ~0.07 s, only the early-exit runner needs it  # optional extra, only the plot needs it
 }
 
 

@@ -46,7 +46,7 @@ def test_tracing_doc_examples_run(block, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("doc,block", [(d, i) for d in ("index.md", "expansion.md", "training.md", "testing.md", "growth.md",
-                                                                 "netaug.md")
+                                                                 "netaug.md", "exits.md")
                                        for i in range(len(_blocks(ROOT / "docs" / d)))])
 def test_guide_examples_run(doc, block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
