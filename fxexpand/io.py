@@ -39,6 +39,7 @@ from . import models as _models
 from .api import compile as _compile
 from .core import (
     DynamicLayer,
+    ExitRecord,
     LoadError,
     ModelFactory,
     Recipe,
@@ -145,8 +146,9 @@ def save(
         raise ValueError(f"factory names look like 'package:function', got {factory!r}")
     made_with = get_record(model, Recipe)
     recipe = list(made_with.passes) if made_with is not None else []
-    if input_shape is None and any(isinstance(m, DynamicLayer) for m in model.modules()):
-        raise ValueError("an augmented (AugmentWidth) model is rebuilt from its input shape: pass "
+    if input_shape is None and (any(isinstance(m, DynamicLayer) for m in model.modules())
+                                or get_record(model, ExitRecord) is not None):
+        raise ValueError("this model (AugmentWidth / InsertEarlyExits) is rebuilt from its input shape: pass "
                          "input_shape=(batch, channels, ...) to save()")
     if made_with is not None and not made_with.replayable:
         raise ValueError(

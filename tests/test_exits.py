@@ -209,3 +209,15 @@ def test_lightning_training_step_with_exits_loss():
                          enable_model_summary=False, accelerator="cpu")
     trainer.fit(Module(multi), train_dataloaders=torch.utils.data.DataLoader(ds, batch_size=8))
     assert any(not torch.equal(v, multi.state_dict()[k]) for k, v in before.items() if "exit_heads" in k)
+
+
+def test_save_and_load_a_multi_exit_model(tmp_path):
+    multi = fxexpand.compile(fxexpand.build_model("fxexpand:SmallNet", num_classes=10),
+                             passes=[InsertEarlyExits()], example_inputs=(torch.randn(2, 3, 32, 32),))
+    with pytest.raises(ValueError, match="input_shape"):
+        fxexpand.save(multi, tmp_path / "m.pt")
+    fxexpand.save(multi, tmp_path / "m.pt", input_shape=(2, 3, 32, 32))
+    back = fxexpand.load(tmp_path / "m.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(multi.eval()(x), back.eval()(x)))

@@ -75,6 +75,22 @@ def test_netaug_properties_are_not_vacuous():
     assert statuses.count("ok") >= 10, statuses
 
 
+# -- BoostNet: exits on random backbones --------------------------------------------------------------
+@settings(max_examples=30, **SETTINGS)
+@given(case=ft.models())
+def test_early_exit_properties(case):
+    _show(case)
+    result = ft.check_early_exits(case.model, case.example_inputs, seed=case.seed)
+    note(str(result))
+    assert result.status in ("ok", "not applicable")
+    assert (result.status == "ok") == bool(result.errors), result
+
+
+def test_early_exit_properties_are_not_vacuous():
+    statuses = [ft.check_early_exits(*ft.random_model(seed), seed=seed).status for seed in range(30)]
+    assert statuses.count("ok") >= 5, statuses
+
+
 # -- deploy target, FLOPs, ONNX ---------------------------------------------------------------------
 @settings(max_examples=25, **SETTINGS)
 @given(case=ft.models())

@@ -4,9 +4,10 @@ Pattern: a classifier backbone whose graph has one output, a ``(batch, classes)`
 *cut points*: feature maps ``(batch, channels, *spatial)`` through which everything that follows
 flows (no earlier tensor is read after them). Exit points are chosen among the cut points:
 
-* ``at="stages"`` — the last cut point of each feature-map resolution that contains a block
-  (a called module with child modules), except the last resolution (the backbone's own output
-  is the last exit there): after each stage, as MSDNet/BoostNet place their classifiers;
+* ``at="stages"`` — the last block boundary (the end of a called module with child modules) of
+  each feature-map resolution, except the last resolution (the backbone's own output is the last
+  exit there): after each stage, as MSDNet/BoostNet place their classifiers. A plain CNN without
+  blocks (VGG-like) gets an exit at the last cut point of each resolution but the last;
 * ``at="blocks"`` — after every block (a called module with child modules and parameters whose
   class is used at least twice) ending at a cut point, except the last one;
 * a list of module names (the exit follows the module's call) or node names.
@@ -196,6 +197,8 @@ class InsertEarlyExits(Pass):
                 stages.append([n])
         bounded = [[n for n in st if n in ends] for st in stages]
         with_blocks = [i for i, b in enumerate(bounded) if b]
+        if len(with_blocks) <= 1:  # a plain CNN (no blocks): the last cut point of each resolution
+            return [st[-1] for st in stages[:-1]]
         return [bounded[i][-1] for i in with_blocks[:-1]]
 
     def _block_points(self, gm: fx.GraphModule, cuts: list[fx.Node]) -> list[fx.Node]:

@@ -27,6 +27,7 @@ from ._checks import (
     CheckResult,
     check_deploy,
     check_expansion,
+    check_early_exits,
     check_netaug,
     check_pass,
     check_verify_each,
@@ -44,7 +45,7 @@ from ._helpers import (
 
 __all__ = [
     "random_model", "RandomNet", "RandomBlock", "LIMITS", "RandomCase", "seeds", "models",
-    "check_expansion", "check_deploy", "check_netaug", "check_pass", "check_verify_each", "BreakOutput", "CheckResult",
+    "check_expansion", "check_deploy", "check_netaug", "check_early_exits", "check_pass", "check_verify_each", "BreakOutput", "CheckResult",
     "EXPANSIONS", "CONTRACTION_PASSES",
     "randomize_bn", "rel_error", "snapshot", "assert_unchanged", "graph_signature", "assert_graph_matches",
     "fuzz", "fuzz_case", "make_corpus", "mutate",

@@ -33,6 +33,7 @@ from ..export import export_onnx
 from ..netaug import WidthSampler, netaug_loss, set_width, use_width
 from ..passes import (
     AugmentWidth,
+    InsertEarlyExits,
     DecayActivations,
     FoldBatchNorm,
     FuseLinear,
@@ -52,6 +53,7 @@ __all__ = [
     "check_pass",
     "check_verify_each",
     "check_netaug",
+    "check_early_exits",
     "BreakOutput",
 ]
 
@@ -386,3 +388,39 @@ def _base_slice_grad(layer: DynamicLayer) -> torch.Tensor:
     if w.dim() == 1 or layer.depthwise:
         return w.grad[cols]
     return w.grad[:layer.base_widths[layer.out_group]][:, cols]
+
+
+def check_early_exits(model: nn.Module, example_inputs: tuple, *, seed: int = 0) -> CheckResult:
+    """BoostNet's exits on ``model``: the multi-exit model returns one ``(batch, classes)`` tensor
+    per exit in train and eval mode, every head gets a gradient, F_N = t·F_{N-1} + f_N with f_N the
+    original output (float64 ≤ 1e-12), and ``contract`` gives back the backbone (strict load, equal
+    outputs); ``model`` is untouched. ``"not applicable"``: no (batch, classes) output or no exit point."""
+    snap = snapshot(model)
+    ref = copy.deepcopy(model).double().eval()
+    xs = tuple(t.double() if t.is_floating_point() else t for t in example_inputs)
+    try:
+        multi = fx_compile(ref, passes=[InsertEarlyExits(head="linear", seed=seed)], example_inputs=xs)
+    except PreconditionError as e:
+        if "no exit point" in str(e) or "output" in str(e):
+            assert_unchanged(model, snap, "check_early_exits")
+            return CheckResult("early_exits", "not applicable", str(e))
+        raise
+    multi.eval()
+    with torch.no_grad():
+        want, outs = ref(*xs), multi(*xs)
+    _require(isinstance(outs, tuple) and len(outs) >= 2 and all(o.shape == want.shape for o in outs),
+             "the multi-exit model does not return one (batch, classes) tensor per exit")
+    t = multi.fxexpand_records["ExitRecord"].temperatures[-1]
+    err = rel_error(outs[-1] - t * outs[-2], want)
+    _require(err <= 1e-12, f"F_N - t F_(N-1) is not the backbone's output: relative error {err:.3e}")
+    trained = copy.deepcopy(multi).train()  # a training forward updates BN statistics: on a copy
+    outs_t = trained(*xs)
+    _require(isinstance(outs_t, tuple) and len(outs_t) == len(outs), "train mode changes the outputs' structure")
+    sum(o.square().mean() for o in outs_t).backward()
+    _require(all(p.grad is not None for h in trained.exit_heads for p in h.parameters()), "a head got no gradient")
+    small = contract(multi, xs)
+    restored = copy.deepcopy(ref)
+    restored.load_state_dict(small.state_dict(), strict=True)
+    e2 = _compare(ref, restored, [xs], "contracted backbone", 1e-12)
+    assert_unchanged(model, snap, "check_early_exits")
+    return CheckResult("early_exits", "ok", f"{len(outs)} exits", {"f_N": err, "contract": e2})
