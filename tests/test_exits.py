@@ -206,7 +206,8 @@ def test_lightning_training_step_with_exits_loss():
     before = copy.deepcopy(multi.state_dict())
     ds = torch.utils.data.TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,)))
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
+                         enable_model_summary=False, accelerator="cpu",
+                         callbacks=[fxexpand.train.lightning_callback(epochs=1, steps_per_epoch=4)])
     trainer.fit(Module(multi), train_dataloaders=torch.utils.data.DataLoader(ds, batch_size=8))
     assert any(not torch.equal(v, multi.state_dict()[k]) for k, v in before.items() if "exit_heads" in k)
 
