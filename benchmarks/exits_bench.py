@@ -46,14 +46,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, loadavg, machine_info, machine_line  # noqa: E402
+from _common import ROOT, loadavg, machine_info, machine_line
 
-import fxexpand  # noqa: E402
-from fxexpand import exit_policy as ep  # noqa: E402
-from fxexpand import exits  # noqa: E402
-from fxexpand.core import ExitRecord, get_record  # noqa: E402
-from fxexpand.demo import load_digits  # noqa: E402
-from fxexpand.passes import InsertEarlyExits  # noqa: E402
+import fxexpand
+from fxexpand import exit_policy as ep
+from fxexpand import exits
+from fxexpand.core import ExitRecord, get_record
+from fxexpand.demo import load_digits
+from fxexpand.passes import InsertEarlyExits
 
 VARIANTS = ("boosted", "baseline")
 STEM = "exits_bench"
@@ -239,6 +239,18 @@ def conclusions(summary: dict, n_seeds: int) -> list[str]:
     return lines
 
 
+def latency_conclusions(lat: dict) -> list[str]:
+    rows = lat["budgets"]
+    slower = [r for r in rows if r["latency_ratio"] > 1]
+    pred = ", ".join(f"{r['budget']:.1f}: {r['latency_ratio']:.2f}x measured vs {r['predicted_cost_over_backbone']:.2f}x "
+                     "predicted by FLOPs" for r in rows)
+    head = ("Real early exit is slower than the full backbone in onnxruntime at every budget measured"
+            if len(slower) == len(rows) else
+            f"Real early exit beats the full backbone in onnxruntime at {len(rows) - len(slower)} of {len(rows)} budgets")
+    return [f"{head} (latency / backbone, {pred}); the Runner's per-segment session calls and numpy work "
+            "outweigh the FLOPs saved on a model this small."]
+
+
 # -- real early exit in onnxruntime ------------------------------------------------------------------
 def _session(path: Path):
     import onnxruntime as ort
@@ -265,6 +277,7 @@ def latency(multi, data, cfg: dict, workdir: Path) -> dict[str, Any]:
     bb_in = bb_sess.get_inputs()[0].name
     # torch's boosted logits on test: the reference for every Runner decision
     logits, y = exits.collect(multi, test)
+    assert torch.equal(y, yte)
     scores = ep.confidences(logits)
     labels = torch.stack([lg.argmax(1) for lg in logits])
     xs = [xte[s:s + 1].numpy().copy() for s in range(len(yte))]
@@ -371,7 +384,7 @@ def run(cfg: dict) -> dict[str, Any]:
     torch.set_num_threads(cfg["torch_threads"])
     t_start = time.perf_counter()
     data = load_data(cfg["val_fraction"], cfg["split_seed"])
-    cfg["sizes"] = {k: int(len(v[1])) for k, v in data.items()}
+    cfg["sizes"] = {k: len(v[1]) for k, v in data.items()}
     example = (data["test"][0][:2],)
     runs, models = [], {}
     for seed in range(cfg["seeds"]):
@@ -396,7 +409,8 @@ def run(cfg: dict) -> dict[str, Any]:
     machine = machine_info()
     machine["loadavg_end"] = loadavg()
     return {"benchmark": STEM, "machine": machine, "settings": cfg, "model": model, "runs": runs,
-            "summary": summary, "conclusions": conclusions(summary, cfg["seeds"]), "latency": lat,
+            "summary": summary, "conclusions": conclusions(summary, cfg["seeds"]) + latency_conclusions(lat),
+            "latency": lat,
             "total_seconds": round(time.perf_counter() - t_start, 1)}
 
 
@@ -414,14 +428,14 @@ def _diff(d: dict) -> str:
 def markdown(res: dict) -> str:
     cfg, m, s, lat = res["settings"], res["model"], res["summary"], res["latency"]
     L = [f"# BoostNet early exits on digits ({'quick' if cfg['quick'] else 'full'} run)", "",
-         f"Settings: {cfg['seeds']} seeds, {cfg['epochs']} epochs, SGD lr {cfg['lr']} {cfg['lr_schedule']}, "
+         (f"Settings: {cfg['seeds']} seeds, {cfg['epochs']} epochs, SGD lr {cfg['lr']} {cfg['lr_schedule']}, "
          f"momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, batch {cfg['batch_size']}; "
          f"widths {cfg['widths']}, `InsertEarlyExits(at=\"blocks\", head=\"{cfg['head']}\")`, temperature "
          f"{cfg['temperature']} (boosted) / `boost=False` (baseline), gradient rescaling {cfg['gradient_rescaling']}; "
          f"train/val/test {cfg['sizes']['train']}/{cfg['sizes']['val']}/{cfg['sizes']['test']} "
          f"(val: thresholds, flat rule {'on' if cfg['flat_rule'] else 'off'}). "
          f"Accuracies in %, mean ± std over seeds; diff = boosted − baseline (paired by seed) with a 95 % CI "
-         f"({cfg['ci_method']}). Total {res['total_seconds']:.0f} s.", "",
+         f"({cfg['ci_method']}). Total {res['total_seconds']:.0f} s."), "",
          f"Machine: {machine_line(res['machine'])}", "",
          "## Exits", "",
          "| exit | after | cumulative cost (fraction of all exits) | params up to exit |", "|---:|---|---:|---:|"]
@@ -441,16 +455,16 @@ def markdown(res: dict) -> str:
                  f"{_pm(r['baseline']['mean_cost_fraction'], 1)} | {_pm(r['baseline']['accuracy'])} | "
                  f"{_diff(r['diff'])} | {r['diff']['verdict']} |")
     c1 = m["cum_cost_fraction"][0]
-    L += ["", f"Budgets below exit 1's cost ({c1:.3f}) are infeasible: p is clamped to 1 and everything leaves "
-          "at exit 1. Mean cost is the test split's (fraction of the cost of running all exits).", "",
+    L += ["", (f"Budgets below exit 1's cost ({c1:.3f}) are infeasible: p is clamped to 1 and everything leaves "
+          "at exit 1. Mean cost is the test split's (fraction of the cost of running all exits)."), "",
           "## Conclusions", ""] + [f"- {c}" for c in res["conclusions"]]
     bb = lat["backbone"]
-    L += ["", f"## Real early exit in onnxruntime (seed {lat['seed']}, {lat['variant']}, batch 1, "
-          f"{lat['threads']} thread, {lat['samples']} test samples x {lat['rounds']} rounds, alternating)", "",
-          f"Full backbone (contracted, no exit heads): {bb['latency_ms'] * 1000:.1f} µs per sample; its FLOPs are "
-          f"{bb['flops_over_all_exits']:.3f} of running all exits.", "",
-          "| budget | p | predicted cost (fraction of all exits) | predicted cost / backbone FLOPs | latency µs | "
-          "latency / backbone [min, max over rounds] | exit histogram (Runner) | accuracy Runner / torch | mismatches |",
+    L += ["", (f"## Real early exit in onnxruntime (seed {lat['seed']}, {lat['variant']}, batch 1, "
+          f"{lat['threads']} thread, {lat['samples']} test samples x {lat['rounds']} rounds, alternating)"), "",
+          (f"Full backbone (contracted, no exit heads): {bb['latency_ms'] * 1000:.1f} µs per sample; its FLOPs are "
+          f"{bb['flops_over_all_exits']:.3f} of running all exits."), "",
+          ("| budget | p | predicted cost (fraction of all exits) | predicted cost / backbone FLOPs | latency µs | "
+          "latency / backbone [min, max over rounds] | exit histogram (Runner) | accuracy Runner / torch | mismatches |"),
           "|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in lat["budgets"] + [lat["all_exits"]]:
         name = f"{r['budget']:.1f}" if r["budget"] != "all" else "all exits (1.0, no flat rule)"

@@ -43,7 +43,7 @@ from .core import (
 )
 from .core import verify as verify_models
 
-__all__ = ["compile", "contract", "ContractReport"]
+__all__ = ["compile", "contract", "ContractReport", "set_train_mode"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ def compile(  # noqa: A001 - mirrors torch.compile's name on purpose
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
     verify_each: bool = False,
+    train_mode: Literal["collapsed", "explicit"] = "collapsed",
 ) -> fx.GraphModule:
     """Trace a copy of ``model`` and run ``passes`` on it; returns a new trainable GraphModule.
 
@@ -94,6 +95,13 @@ def compile(  # noqa: A001 - mirrors torch.compile's name on purpose
     objects or registered names (see :func:`fxexpand.registered_passes`). ``example_inputs`` enables
     shape information for passes that need it and ``verify_each`` (which names the first pass that
     changed the model's function — only meaningful for function-preserving passes).
+
+    ``train_mode="collapsed"`` (default): every expanded region whose body is a linear,
+    batch-independent chain (ExpandNets CL, CK, FC) runs as one op whose weight is composed from the
+    chain's factors each forward — the same function, parameters and gradients as the chain, at
+    about the original layer's cost; other regions (NetBooster blocks: BatchNorm, activations) run
+    explicitly. ``"explicit"`` runs every chain. The notes say which region runs how and why; switch
+    later with :func:`set_train_mode`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile expects an nn.Module, got {type(model).__name__}")
@@ -111,14 +119,29 @@ def compile(  # noqa: A001 - mirrors torch.compile's name on purpose
     out = result.graph_module
     out.recompile()
     out.train(training)
+    mode_notes = set_train_mode(out, train_mode, notes=True)
     renames = [r for r in result.records if isinstance(r, ModuleRenames)]
     set_record(out, _origins(model, out, renames))
-    keep_attr(out, "fxexpand_notes", list(getattr(model, "fxexpand_notes", [])) + list(result.notes))
+    keep_attr(out, "fxexpand_notes", list(getattr(model, "fxexpand_notes", [])) + list(result.notes) + mode_notes)
     # state_dict metadata: models such as MNASNet read the root's version when loading
     keep_attr(out, "_version", getattr(model, "_version", 1))
     before = get_record(model, Recipe)
     set_record(out, Recipe(list(before.passes if before else []) + [_pass_spec(p) for p in pass_objs]))
     return out
+
+
+def set_train_mode(model: nn.Module, mode: Literal["collapsed", "explicit"], *, notes: bool = False):
+    """Run every expanded region of ``model`` collapsed (where its chain allows) or explicitly.
+    Parameters, ``state_dict`` and optimizer state are the same in both forms. Returns
+    ``{region: "collapsed" | "explicit" | "explicit: <reason>"}`` (or, with ``notes=True``, the
+    corresponding notes)."""
+    if mode not in ("collapsed", "explicit"):
+        raise ValueError(f"train_mode must be 'collapsed' or 'explicit', got {mode!r}")
+    status = {name: region.set_train_mode(mode) for name, region in find_regions(model).items()}
+    if not notes:
+        return status
+    return [Note("compile", s.split(":")[0], name, s.split(": ", 1)[1] if ": " in s else f"train_mode={mode}")
+            for name, s in status.items()]
 
 
 def _origins(model: nn.Module, out: fx.GraphModule, renames: list[ModuleRenames]) -> ParameterOrigins:

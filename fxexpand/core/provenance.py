@@ -30,6 +30,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .collapse import chain_problem, run_collapsed
+
 __all__ = [
     "ExpandedRegion",
     "layer_config",
@@ -113,11 +115,28 @@ class ExpandedRegion(nn.Module):
         self.original_type = type(original).__name__
         self.original_config = layer_config(original)
         self.method = method
+        self.train_mode = "explicit"
+
+    def set_train_mode(self, mode: str) -> str:
+        """``"collapsed"``: run the body as one op whose weight is composed from the factors each
+        forward (:mod:`fxexpand.core.collapse`) — if the body is a linear, batch-independent chain;
+        ``"explicit"``: run the chain. Returns the mode in effect and, for an explicit region asked
+        to collapse, why (``"explicit: <reason>"``)."""
+        if mode not in ("collapsed", "explicit"):
+            raise ValueError(f"train_mode must be 'collapsed' or 'explicit', got {mode!r}")
+        problem = chain_problem(self.body) if mode == "collapsed" else ""
+        self.train_mode = "explicit" if problem else mode
+        return self.train_mode if not problem else f"explicit: {problem}"
 
     def extra_repr(self) -> str:
-        return f"original={self.original_type}({self.original_config}), method={self.method!r}"
+        return (f"original={self.original_type}({self.original_config}), method={self.method!r}, "
+                f"train_mode={getattr(self, 'train_mode', 'explicit')!r}")
 
     def forward(self, *args, **kwargs):
+        # traced (contraction inlines regions): always the explicit chain, which the passes contract
+        if getattr(self, "train_mode", "explicit") == "collapsed" and len(args) == 1 and not kwargs \
+                and isinstance(args[0], torch.Tensor) and not isinstance(args[0], fx.Proxy):
+            return run_collapsed(self.body, args[0])
         return self.body(*args, **kwargs)
 
 
