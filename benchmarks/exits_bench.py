@@ -101,17 +101,27 @@ def build(variant: str, seed: int, cfg: dict, example: torch.Tensor) -> torch.fx
     rec = get_record(multi, ExitRecord)
     if rec is None or rec.num_exits != 4 or rec.boost != (variant == "boosted") or not rec.rescale_gradients:
         raise RuntimeError(f"unexpected exit record for {variant}: {rec}")
-    return multi
+    with torch.no_grad():
+        outs = multi.eval()(example)
+    if not (isinstance(outs, tuple) and len(outs) == 4 and all(o.shape == (example.shape[0], 10) for o in outs)):
+        raise RuntimeError(f"{variant}: expected 4 outputs (batch, 10)")
+    return multi.train()
 
 
 # -- data and training ---------------------------------------------------------------------------------
-def load_data(val_fraction: float, split_seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def load_data(val_fraction: float, split_seed: int, noise: float = 0.0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Train/val/test from ``fxexpand.demo.load_digits`` (val: ``val_fraction`` of its train part, fixed
+    generator); with ``noise`` > 0, fixed Gaussian noise of that std is added to every image (a harder task)."""
     xtr, ytr, xte, yte = load_digits()
     g = torch.Generator().manual_seed(split_seed)
     perm = torch.randperm(len(ytr), generator=g)
     n_val = round(val_fraction * len(ytr))
     val, train = perm[:n_val], perm[n_val:]
-    return {"train": (xtr[train], ytr[train]), "val": (xtr[val], ytr[val]), "test": (xte, yte)}
+    data = {"train": (xtr[train], ytr[train]), "val": (xtr[val], ytr[val]), "test": (xte, yte)}
+    if noise > 0:
+        gn = torch.Generator().manual_seed(4321)
+        data = {k: (x + noise * torch.randn(x.shape, generator=gn), y) for k, (x, y) in data.items()}
+    return data
 
 
 def batches(xy: tuple[torch.Tensor, torch.Tensor], size: int = 512) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -144,15 +154,24 @@ def train(multi: nn.Module, xy, cfg: dict, seed: int) -> dict[str, float]:
     return {"train_seconds": round(time.perf_counter() - t0, 2), "final_epoch_loss": round(statistics.mean(last), 4)}
 
 
+#: threshold fitting: "flat" = fxexpand's default (fraction fit, then the flat-curve rule), "fraction" = the
+#: pure fraction fit (MSDNet's protocol: the fitted fractions spend the budget on the validation split)
+RULES = {"flat": True, "fraction": False}
+RULE_NAMES = {"flat": "flat rule on (fxexpand default)", "fraction": "fraction fit only (flat rule off)"}
+
+
 def evaluate_run(multi, data, cfg: dict, example) -> dict[str, Any]:
     test, val = batches(data["test"]), batches(data["val"])
     anytime = exits.anytime(multi, test, example)
     total = anytime[-1]["cost"]
-    curve = exits.budget_curve(multi, val, test, example, budgets=cfg["budgets"], flat_rule=True)
-    for row, b in zip(curve, cfg["budgets"]):
-        row["budget_fraction"] = b
-        assert abs(row["budget"] / total - b) < 1e-9
-    return {"anytime": anytime, "budget_curve": curve}
+    curves = {}
+    for rule, flat in RULES.items():
+        curve = exits.budget_curve(multi, val, test, example, budgets=cfg["budgets"], flat_rule=flat)
+        for row, b in zip(curve, cfg["budgets"]):
+            row["budget_fraction"] = b
+            assert abs(row["budget"] / total - b) < 1e-9
+        curves[rule] = curve
+    return {"anytime": anytime, "budget_curves": curves}
 
 
 # -- statistics ---------------------------------------------------------------------------------------
@@ -199,56 +218,76 @@ def paired(a: list[float], b: list[float]) -> dict[str, Any]:
 
 def summarize(runs: list[dict], cfg: dict) -> dict[str, Any]:
     by = {v: sorted((r for r in runs if r["variant"] == v), key=lambda r: r["seed"]) for v in VARIANTS}
-    any_rows, bud_rows = [], []
+    any_rows = []
     n_exits = len(by["boosted"][0]["anytime"])
     for k in range(n_exits):
         acc = {v: [r["anytime"][k]["accuracy"] for r in by[v]] for v in VARIANTS}
         any_rows.append({"exit": k + 1, "cost_fraction": by["boosted"][0]["anytime"][k]["cost_fraction"],
                          **{v: describe(acc[v]) for v in VARIANTS},
                          "diff": paired(acc["boosted"], acc["baseline"])})
-    for j, b in enumerate(cfg["budgets"]):
-        row = {"budget": b}
-        for v in VARIANTS:
-            row[v] = {"accuracy": describe([r["budget_curve"][j]["accuracy"] for r in by[v]]),
-                      "mean_cost_fraction": describe([r["budget_curve"][j]["mean_cost_fraction"] for r in by[v]])}
-        row["diff"] = paired(row["boosted"]["accuracy"]["values"], row["baseline"]["accuracy"]["values"])
-        bud_rows.append(row)
-    return {"anytime": any_rows, "budget": bud_rows}
+    budget = {}
+    for rule in RULES:
+        rows = []
+        for j, b in enumerate(cfg["budgets"]):
+            row = {"budget": b}
+            for v in VARIANTS:
+                cur = [r["budget_curves"][rule][j] for r in by[v]]
+                row[v] = {"accuracy": describe([c["accuracy"] for c in cur]),
+                          "mean_cost_fraction": describe([c["mean_cost_fraction"] for c in cur])}
+            row["diff"] = paired(row["boosted"]["accuracy"]["values"], row["baseline"]["accuracy"]["values"])
+            rows.append(row)
+        budget[rule] = rows
+    return {"anytime": any_rows, "budget": budget}
 
 
 def conclusions(summary: dict, n_seeds: int) -> list[str]:
     if n_seeds < 2:
-        return ["One seed: no confidence intervals; the differences below are single paired runs."]
+        return ["One seed: no confidence intervals; the differences are single paired runs."]
     groups: dict[str, list[str]] = {"boosted better": [], "baseline better": [], "no significant difference": []}
     for r in summary["anytime"]:
         groups[r["diff"]["verdict"]].append(f"anytime exit {r['exit']}")
-    for r in summary["budget"]:
-        groups[r["diff"]["verdict"]].append(f"budget {r['budget']:.1f}")
+    for rule, rows in summary["budget"].items():
+        for r in rows:
+            groups[r["diff"]["verdict"]].append(f"budget {r['budget']:.1f} ({rule})")
     lines = []
     for verdict, where in groups.items():
         if where:
-            lines.append(f"{verdict} (95 % CI of the paired difference excludes 0 in its favour)"
-                         if verdict != "no significant difference" else
-                         "no significant difference (95 % CI contains 0)")
-            lines[-1] += ": " + ", ".join(where) + "."
+            head = ("no significant difference (95 % CI contains 0)" if verdict == "no significant difference"
+                    else f"{verdict} (95 % CI of the paired difference excludes 0)")
+            lines.append(f"{head}: " + ", ".join(where) + ".")
     if not groups["boosted better"]:
-        lines.append(f"Boosting does not significantly help anywhere on this task with {n_seeds} seeds.")
+        lines.append(f"Boosting does not significantly help anywhere here ({n_seeds} seeds).")
     else:
         lines.append("Boosting does not help at: "
                      + (", ".join(groups["no significant difference"] + groups["baseline better"]) or "nowhere") + ".")
+    n_cmp = sum(len(g) for g in groups.values())
+    lines.append(f"Caveat: {n_cmp} comparisons at 95 % each, so about {0.05 * n_cmp:.0f} 'significant' verdict(s) are "
+                 "expected by chance alone; with few seeds a CI can also be narrow by luck. Rows are not independent: "
+                 "budget rows whose samples all leave at the last exit repeat anytime exit 4.")
+    # how the flat rule spends the budget (test split), boosted model
+    fl, fr = summary["budget"]["flat"], summary["budget"]["fraction"]
+    worse = [f"{a['budget']:.1f}" for a, b in zip(fl, fr)
+             if a["boosted"]["accuracy"]["mean"] < b["boosted"]["accuracy"]["mean"] - 1e-12]
+    lines.append("Flat rule vs fraction fit (boosted, mean over seeds): mean test cost "
+                 + ", ".join(f"{a['budget']:.1f}: {a['boosted']['mean_cost_fraction']['mean']:.2f} vs "
+                             f"{b['boosted']['mean_cost_fraction']['mean']:.2f}" for a, b in zip(fl, fr))
+                 + (f"; the flat rule has the lower mean test accuracy at budgets {', '.join(worse)} (it stops raising "
+                    "thresholds where the small validation split shows no gain)." if worse else "."))
     return lines
 
 
 def latency_conclusions(lat: dict) -> list[str]:
-    rows = lat["budgets"]
-    slower = [r for r in rows if r["latency_ratio"] > 1]
-    pred = ", ".join(f"{r['budget']:.1f}: {r['latency_ratio']:.2f}x measured vs {r['predicted_cost_over_backbone']:.2f}x "
-                     "predicted by FLOPs" for r in rows)
-    head = ("Real early exit is slower than the full backbone in onnxruntime at every budget measured"
-            if len(slower) == len(rows) else
-            f"Real early exit beats the full backbone in onnxruntime at {len(rows) - len(slower)} of {len(rows)} budgets")
-    return [f"{head} (latency / backbone, {pred}); the Runner's per-segment session calls and numpy work "
-            "outweigh the FLOPs saved on a model this small."]
+    out = []
+    for rule in RULES:
+        rows = [r for r in lat["budgets"] if r["rule"] == rule]
+        faster = [r for r in rows if r["latency_ratio"] < 1]
+        pred = ", ".join(f"{r['budget']:.1f}: {r['latency_ratio']:.2f}x measured vs "
+                         f"{r['predicted_cost_over_backbone']:.2f}x by FLOPs" for r in rows)
+        head = (f"Real early exit ({rule}) is slower than the full backbone in onnxruntime at every budget measured"
+                if not faster else
+                f"Real early exit ({rule}) beats the full backbone in onnxruntime at {len(faster)} of {len(rows)} budgets")
+        out.append(f"{head} (latency / backbone: {pred}).")
+    return out
 
 
 # -- real early exit in onnxruntime ------------------------------------------------------------------
@@ -261,8 +300,8 @@ def _session(path: Path):
 
 
 def latency(multi, data, cfg: dict, workdir: Path) -> dict[str, Any]:
-    """Real early exit for one model: fit / export / Runner per budget, checked against torch, and
-    batch-1 onnxruntime latency alternating between the budgets and the contracted backbone."""
+    """Real early exit for one model: fit / export / Runner per budget and rule, checked against torch,
+    and batch-1 onnxruntime latency alternating between them and the contracted backbone."""
     xte, yte = data["test"]
     x1 = xte[:1].clone()
     example = (x1,)
@@ -282,29 +321,30 @@ def latency(multi, data, cfg: dict, workdir: Path) -> dict[str, Any]:
     labels = torch.stack([lg.argmax(1) for lg in logits])
     xs = [xte[s:s + 1].numpy().copy() for s in range(len(yte))]
     rows, runners = [], {}
-    # the budgets (flat rule on, as in the curves) and "all": budget 1 without the flat rule, so p = 0
-    # and every sample runs every segment (the Runner's cost with no early exit at all)
-    for b in list(cfg["latency_budgets"]) + ["all"]:
-        pol = exits.fit(multi, val, 1.0 if b == "all" else b, example, flat_rule=b != "all")
-        ev = exits.evaluate(multi, test, pol)
-        d = exits.export(multi, example, workdir / (f"budget_{b:.2f}" if b != "all" else "all_exits"), pol)
-        runner = exits.Runner(d, threads=1)
-        runners[b] = runner
-        idx = ep.exit_indices(scores, pol.thresholds)
-        hist = [0] * len(costs)
-        correct = mismatches = 0
-        for s in range(len(yte)):
-            label, k = runner(xs[s])
-            hist[k - 1] += 1
-            correct += int(label == int(yte[s]))
-            mismatches += int((label, k) != (int(labels[idx[s], s]), int(idx[s]) + 1))
-        rows.append({"budget": b, "flat_rule": b != "all", "p": pol.p, "thresholds": pol.to_dict()["thresholds"],
-                     "predicted_cost_fraction": ev["mean_cost_fraction"],
-                     "predicted_cost_over_backbone": ev["mean_cost"] / backbone_flops,
-                     "accuracy_torch": ev["accuracy"], "accuracy_runner": correct / len(yte),
-                     "histogram_torch": ev["histogram"], "histogram_runner": hist, "mismatches": mismatches})
+    # budget 1.0 with the fraction fit is p = 0: every sample runs every segment (no early exit at all)
+    for rule, flat in RULES.items():
+        for b in cfg["latency_budgets"]:
+            pol = exits.fit(multi, val, b, example, flat_rule=flat)
+            ev = exits.evaluate(multi, test, pol)
+            d = exits.export(multi, example, workdir / f"{rule}_{b:.2f}", pol)
+            runner = exits.Runner(d, threads=1)
+            runners[(rule, b)] = runner
+            idx = ep.exit_indices(scores, pol.thresholds)
+            hist = [0] * len(costs)
+            correct = mismatches = 0
+            for s in range(len(yte)):
+                label, k = runner(xs[s])
+                hist[k - 1] += 1
+                correct += int(label == int(yte[s]))
+                mismatches += int((label, k) != (int(labels[idx[s], s]), int(idx[s]) + 1))
+            rows.append({"rule": rule, "flat_rule": flat, "budget": b, "p": pol.p,
+                         "thresholds": pol.to_dict()["thresholds"],
+                         "predicted_cost_fraction": ev["mean_cost_fraction"],
+                         "predicted_cost_over_backbone": ev["mean_cost"] / backbone_flops,
+                         "accuracy_torch": ev["accuracy"], "accuracy_runner": correct / len(yte),
+                         "histogram_torch": ev["histogram"], "histogram_runner": hist, "mismatches": mismatches})
     # timing: rounds over the first n test samples; per sample the configurations run in a rotating order
-    configs: list[Any] = ["backbone"] + list(runners)
+    configs: list[Any] = ["backbone", *runners]
 
     def call(c, xa):
         if c == "backbone":
@@ -328,16 +368,21 @@ def latency(multi, data, cfg: dict, workdir: Path) -> dict[str, Any]:
             per_round[c].append(1000 * tot[c] / n)
     bb_ms = statistics.median(per_round["backbone"])
     for row in rows:
-        ms = per_round[row["budget"]]
+        ms = per_round[(row["rule"], row["budget"])]
         ratios = [m / bb for m, bb in zip(ms, per_round["backbone"])]
         row.update(latency_ms=statistics.median(ms), latency_ratio=statistics.median(ratios),
                    latency_ratio_min=min(ratios), latency_ratio_max=max(ratios))
-    # per-segment onnxruntime time (all segments on every sample, as the "all" Runner runs them)
-    runner = runners["all"]
+    # per-segment onnxruntime time: every segment on every sample (as the Runner runs them at p = 0)
+    runner = runners[("fraction", max(cfg["latency_budgets"]))]
     seg_ms = [0.0] * len(runner.segments)
+    bb_seg_loop = 0.0  # the backbone, timed in the same loop
     m_seg = min(n, 200)
-    for rep in range(2):
+    for rep in range(2):  # the first pass warms up
         for s in range(m_seg):
+            t0 = time.perf_counter()
+            bb_sess.run(None, {bb_in: xs[s]})
+            if rep == 1:
+                bb_seg_loop += time.perf_counter() - t0
             values = {runner.segments[0][2]["inputs"][0]: xs[s]}
             for k, (sess, onnx_inputs, spec) in enumerate(runner.segments):
                 feeds = {o: values[v] for o, v in zip(onnx_inputs, spec["inputs"])}
@@ -347,23 +392,28 @@ def latency(multi, data, cfg: dict, workdir: Path) -> dict[str, Any]:
                     seg_ms[k] += time.perf_counter() - t0
                 values.update(zip(spec["outputs"], res))
     seg_ms = [1000 * t / m_seg for t in seg_ms]
-    all_row = rows.pop()
+    bb_seg_loop = 1000 * bb_seg_loop / m_seg
+    all_row = next(r for r in rows if r["rule"] == "fraction" and r["budget"] == max(cfg["latency_budgets"]))
     # fixed cost per onnxruntime call: a line through (FLOPs, time) of the segments and the backbone
-    fl = [c for c in costs] + [backbone_flops]
-    tm = seg_ms + [bb_ms]
-    slope, intercept = np.polyfit(np.array(fl) / 1e6, np.array(tm), 1)
+    slope, intercept = np.polyfit(np.array([*costs, backbone_flops]) / 1e6, np.array([*seg_ms, bb_seg_loop]), 1)
     return {"seed": 0, "variant": "boosted", "threads": 1, "rounds": cfg["latency_rounds"], "samples": n,
             "backbone": {"latency_ms": bb_ms, "flops": backbone_flops, "flops_over_all_exits": backbone_flops / c_total,
                          "latency_ms_rounds": per_round["backbone"]},
             "all_exits_flops": c_total,
-            "budgets": rows, "all_exits": all_row,
+            "budgets": rows,
             "segments": [{"segment": k + 1, "flops": costs[k], "flops_fraction": costs[k] / c_total, "ort_ms": seg_ms[k]}
                          for k in range(len(costs))],
+            "backbone_ms_in_segment_loop": bb_seg_loop,
+            "runner_all_exits_ms": all_row["latency_ms"],
             "runner_overhead_ms": all_row["latency_ms"] - sum(seg_ms),
             "call_cost_fit": {"fixed_ms": float(intercept), "ms_per_mflop": float(slope)}}
 
 
 # -- run ------------------------------------------------------------------------------------------------
+def stem(quick: bool, noise: float) -> str:
+    return STEM + (f"_noise{noise:g}" if noise > 0 else "") + ("_quick" if quick else "")
+
+
 def config(args) -> dict[str, Any]:
     q = args.quick
     cfg = {
@@ -371,19 +421,21 @@ def config(args) -> dict[str, Any]:
         "batch_size": 64, "lr": 0.05, "lr_schedule": "cosine (per step)", "momentum": 0.9, "weight_decay": 5e-4,
         "widths": [8, 16, 32, 64], "head": "msdnet", "at": "blocks", "temperature": 0.5,
         "gradient_rescaling": "on for both variants (Eq. 7)", "loss": "fxexpand.exits.loss (sum of exit CEs)",
-        "val_fraction": 0.25, "split_seed": 1234, "flat_rule": True,
+        "noise": args.noise, "val_fraction": 0.25, "split_seed": 1234, "rules": RULE_NAMES,
         "budgets": [0.3, 0.6, 1.0] if q else [round(0.2 + 0.1 * i, 1) for i in range(9)],
         "latency_budgets": [0.5, 1.0] if q else [0.4, 0.6, 0.8, 1.0],
         "latency_rounds": args.rounds or (2 if q else 15), "latency_samples": 100 if q else 450,
-        "torch_threads": 1, "ci_method": ci_method(),
+        "torch_threads": 1, "torch_flush_denormal": True, "ci_method": ci_method(),
     }
     return cfg
 
 
 def run(cfg: dict) -> dict[str, Any]:
     torch.set_num_threads(cfg["torch_threads"])
+    torch.set_flush_denormal(cfg["torch_flush_denormal"])
+    machine = machine_info()
     t_start = time.perf_counter()
-    data = load_data(cfg["val_fraction"], cfg["split_seed"])
+    data = load_data(cfg["val_fraction"], cfg["split_seed"], cfg["noise"])
     cfg["sizes"] = {k: len(v[1]) for k, v in data.items()}
     example = (data["test"][0][:2],)
     runs, models = [], {}
@@ -406,17 +458,15 @@ def run(cfg: dict) -> dict[str, Any]:
     summary = summarize(runs, cfg)
     with tempfile.TemporaryDirectory(prefix="exits_bench_") as d:
         lat = latency(models["boosted"], data, cfg, Path(d))
-    machine = machine_info()
     machine["loadavg_end"] = loadavg()
     return {"benchmark": STEM, "machine": machine, "settings": cfg, "model": model, "runs": runs,
             "summary": summary, "conclusions": conclusions(summary, cfg["seeds"]) + latency_conclusions(lat),
-            "latency": lat,
-            "total_seconds": round(time.perf_counter() - t_start, 1)}
+            "latency": lat, "total_seconds": round(time.perf_counter() - t_start, 1)}
 
 
 # -- report ---------------------------------------------------------------------------------------------
-def _pm(d: dict, scale: float = 100.0) -> str:
-    return f"{scale * d['mean']:.2f} ± {scale * d['std']:.2f}"
+def _pm(d: dict, scale: float = 100.0, digits: int = 2) -> str:
+    return f"{scale * d['mean']:.{digits}f} ± {scale * d['std']:.{digits}f}"
 
 
 def _diff(d: dict) -> str:
@@ -427,15 +477,16 @@ def _diff(d: dict) -> str:
 
 def markdown(res: dict) -> str:
     cfg, m, s, lat = res["settings"], res["model"], res["summary"], res["latency"]
-    L = [f"# BoostNet early exits on digits ({'quick' if cfg['quick'] else 'full'} run)", "",
+    data = "scikit-learn digits" + (f" + fixed Gaussian noise (std {cfg['noise']:g})" if cfg["noise"] else "")
+    L = [f"# BoostNet early exits on {data} ({'quick' if cfg['quick'] else 'full'} run)", "",
          (f"Settings: {cfg['seeds']} seeds, {cfg['epochs']} epochs, SGD lr {cfg['lr']} {cfg['lr_schedule']}, "
-         f"momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, batch {cfg['batch_size']}; "
-         f"widths {cfg['widths']}, `InsertEarlyExits(at=\"blocks\", head=\"{cfg['head']}\")`, temperature "
-         f"{cfg['temperature']} (boosted) / `boost=False` (baseline), gradient rescaling {cfg['gradient_rescaling']}; "
-         f"train/val/test {cfg['sizes']['train']}/{cfg['sizes']['val']}/{cfg['sizes']['test']} "
-         f"(val: thresholds, flat rule {'on' if cfg['flat_rule'] else 'off'}). "
-         f"Accuracies in %, mean ± std over seeds; diff = boosted − baseline (paired by seed) with a 95 % CI "
-         f"({cfg['ci_method']}). Total {res['total_seconds']:.0f} s."), "",
+          f"momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, batch {cfg['batch_size']}; widths "
+          f"{cfg['widths']}, `InsertEarlyExits(at=\"blocks\", head=\"{cfg['head']}\")`, temperature "
+          f"{cfg['temperature']} (boosted) / `boost=False` (baseline), gradient rescaling "
+          f"{cfg['gradient_rescaling']}; train/val/test {cfg['sizes']['train']}/{cfg['sizes']['val']}/"
+          f"{cfg['sizes']['test']} (val: exit thresholds). Accuracies in %, mean ± std over seeds; diff = "
+          f"boosted − baseline in points (paired by seed) with a 95 % CI ({cfg['ci_method']}). "
+          f"Total {res['total_seconds']:.0f} s."), "",
          f"Machine: {machine_line(res['machine'])}", "",
          "## Exits", "",
          "| exit | after | cumulative cost (fraction of all exits) | params up to exit |", "|---:|---|---:|---:|"]
@@ -447,46 +498,52 @@ def markdown(res: dict) -> str:
     for r in s["anytime"]:
         L.append(f"| {r['exit']} | {r['cost_fraction']:.3f} | {_pm(r['boosted'])} | {_pm(r['baseline'])} | "
                  f"{_diff(r['diff'])} | {r['diff']['verdict']} |")
-    L += ["", "## Budgeted batch (thresholds fitted on val, evaluated on test)", "",
-          "| budget | mean cost boosted | accuracy boosted | mean cost baseline | accuracy baseline | diff [95 % CI] | verdict |",
-          "|---:|---:|---:|---:|---:|---:|---|"]
-    for r in s["budget"]:
-        L.append(f"| {r['budget']:.1f} | {_pm(r['boosted']['mean_cost_fraction'], 1):s} | {_pm(r['boosted']['accuracy'])} | "
-                 f"{_pm(r['baseline']['mean_cost_fraction'], 1)} | {_pm(r['baseline']['accuracy'])} | "
-                 f"{_diff(r['diff'])} | {r['diff']['verdict']} |")
+    for rule, rows in s["budget"].items():
+        L += ["", f"## Budgeted batch, {cfg['rules'][rule]}: thresholds fitted on val, evaluated on test", "",
+              ("| budget | mean cost boosted | accuracy boosted | mean cost baseline | accuracy baseline | "
+              "diff [95 % CI] | verdict |"),
+              "|---:|---:|---:|---:|---:|---:|---|"]
+        for r in rows:
+            b, a = r["boosted"], r["baseline"]
+            L.append(f"| {r['budget']:.1f} | {_pm(b['mean_cost_fraction'], 1, 3)} | {_pm(b['accuracy'])} | "
+                     f"{_pm(a['mean_cost_fraction'], 1, 3)} | {_pm(a['accuracy'])} | {_diff(r['diff'])} | "
+                     f"{r['diff']['verdict']} |")
     c1 = m["cum_cost_fraction"][0]
-    L += ["", (f"Budgets below exit 1's cost ({c1:.3f}) are infeasible: p is clamped to 1 and everything leaves "
-          "at exit 1. Mean cost is the test split's (fraction of the cost of running all exits)."), "",
+    L += ["", (f"Mean cost: on the test split, as a fraction of running all exits. Budgets below exit 1's cost "
+               f"({c1:.3f}) are infeasible (p is clamped to 1). The flat rule lowers a threshold wherever that "
+               "does not cost validation accuracy, so it may spend well under the budget."), "",
           "## Conclusions", ""] + [f"- {c}" for c in res["conclusions"]]
     bb = lat["backbone"]
     L += ["", (f"## Real early exit in onnxruntime (seed {lat['seed']}, {lat['variant']}, batch 1, "
-          f"{lat['threads']} thread, {lat['samples']} test samples x {lat['rounds']} rounds, alternating)"), "",
+               f"{lat['threads']} thread, {lat['samples']} test samples x {lat['rounds']} rounds, alternating)"), "",
           (f"Full backbone (contracted, no exit heads): {bb['latency_ms'] * 1000:.1f} µs per sample; its FLOPs are "
-          f"{bb['flops_over_all_exits']:.3f} of running all exits."), "",
-          ("| budget | p | predicted cost (fraction of all exits) | predicted cost / backbone FLOPs | latency µs | "
-          "latency / backbone [min, max over rounds] | exit histogram (Runner) | accuracy Runner / torch | mismatches |"),
-          "|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
-    for r in lat["budgets"] + [lat["all_exits"]]:
-        name = f"{r['budget']:.1f}" if r["budget"] != "all" else "all exits (1.0, no flat rule)"
-        L.append(f"| {name} | {r['p']:.3f} | {r['predicted_cost_fraction']:.3f} | "
+           f"{bb['flops_over_all_exits']:.3f} of running all exits. Fraction fit at budget 1.0 is p = 0: no "
+           "early exit, every segment runs."), "",
+          ("| rule | budget | p | predicted cost (fraction of all exits) | predicted cost / backbone FLOPs | "
+           "latency µs | latency / backbone [min, max over rounds] | exit histogram (Runner) | "
+           "accuracy Runner / torch | mismatches |"),
+          "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in lat["budgets"]:
+        L.append(f"| {r['rule']} | {r['budget']:.1f} | {r['p']:.3f} | {r['predicted_cost_fraction']:.3f} | "
                  f"{r['predicted_cost_over_backbone']:.3f} | {1000 * r['latency_ms']:.1f} | {r['latency_ratio']:.3f} "
                  f"[{r['latency_ratio_min']:.3f}, {r['latency_ratio_max']:.3f}] | {r['histogram_runner']} | "
                  f"{100 * r['accuracy_runner']:.2f} / {100 * r['accuracy_torch']:.2f} | {r['mismatches']} |")
-    L += ["", "| segment | FLOPs fraction (of all exits) | onnxruntime µs |", "|---:|---:|---:|"]
+    L += ["", "| session call (the Runner's files, no early exit) | FLOPs (fraction of all exits) | onnxruntime µs |",
+          "|---|---:|---:|"]
     for sg in lat["segments"]:
-        L.append(f"| {sg['segment']} | {sg['flops_fraction']:.3f} | {1000 * sg['ort_ms']:.1f} |")
-    L.append(f"| backbone | {bb['flops_over_all_exits']:.3f} | {1000 * bb['latency_ms']:.1f} |")
+        L.append(f"| segment {sg['segment']} | {sg['flops_fraction']:.3f} | {1000 * sg['ort_ms']:.1f} |")
+    L.append(f"| backbone | {bb['flops_over_all_exits']:.3f} | {1000 * lat['backbone_ms_in_segment_loop']:.1f} |")
     seg_sum = sum(sg["ort_ms"] for sg in lat["segments"])
-    fit = lat.get("call_cost_fit")
-    L += ["", "Overhead: each segment is a separate onnxruntime session call and the Runner adds numpy work "
-          f"per exit reached (boosting, softmax, threshold). The 4 segments' session calls take {1000 * seg_sum:.1f} µs "
-          f"together against {1000 * bb['latency_ms']:.1f} µs for the one-session backbone, and the Runner's "
-          f"Python/numpy work adds {1000 * lat['runner_overhead_ms']:.1f} µs per sample when every exit runs."
-          + (f" A least-squares line through the 5 session calls (4 segments + backbone) gives "
-             f"{1000 * fit['fixed_ms']:.1f} µs fixed per call + {1000 * fit['ms_per_mflop']:.1f} µs per MFLOP."
-             if fit else "")
-          + " For a model this small the per-call cost dominates, so FLOPs do not predict latency: compare the "
-          "latency ratio with 'predicted cost / backbone FLOPs'."]
+    fit = lat["call_cost_fit"]
+    L += ["", ("Overhead: each segment is a separate onnxruntime session call, and the Runner adds numpy work per "
+               f"exit reached (boosting, softmax, threshold). The 4 segments' calls take {1000 * seg_sum:.1f} µs "
+               f"together against {1000 * lat['backbone_ms_in_segment_loop']:.1f} µs for the one-call backbone "
+               "(both timed in one loop over the first 200 test samples); the Runner with no "
+               f"early exit takes {1000 * lat['runner_all_exits_ms']:.1f} µs, i.e. "
+               f"{1000 * lat['runner_overhead_ms']:.1f} µs of Python/numpy on top of the calls. A least-squares line "
+               f"through the 5 calls gives {1000 * fit['fixed_ms']:.1f} µs fixed per call + "
+               f"{1000 * fit['ms_per_mflop']:.1f} µs per MFLOP. On a model this small the fixed costs dominate, so "
+               "FLOPs do not predict latency: compare 'latency / backbone' with 'predicted cost / backbone FLOPs'.")]
     return "\n".join(L) + "\n"
 
 
@@ -495,45 +552,50 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    s = res["summary"]
-    fig = Figure(figsize=(11, 4.3))
+    s, cfg = res["summary"], res["settings"]
+    fig = Figure(figsize=(12, 4.6))
     ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     colors = {"boosted": "tab:red", "baseline": "tab:blue"}
+    styles = {"fraction": ("-", 0.18), "flat": (":", 0.08)}
     for v in VARIANTS:
-        xs = [r[v]["mean_cost_fraction"]["mean"] for r in s["budget"]]
-        xerr = [r[v]["mean_cost_fraction"]["std"] for r in s["budget"]]
-        ys = [100 * r[v]["accuracy"]["mean"] for r in s["budget"]]
-        sd = [100 * r[v]["accuracy"]["std"] for r in s["budget"]]
-        order = sorted(range(len(xs)), key=xs.__getitem__)
-        xs, ys, sd, xerr = ([a[i] for i in order] for a in (xs, ys, sd, xerr))
-        ax.plot(xs, ys, "-", marker=".", color=colors[v], label=f"{v} (budgeted)")
-        ax.fill_between(xs, [y - e for y, e in zip(ys, sd)], [y + e for y, e in zip(ys, sd)], color=colors[v], alpha=0.18)
+        for rule, rows in s["budget"].items():
+            ls, alpha = styles[rule]
+            pts = sorted((r[v]["mean_cost_fraction"]["mean"], 100 * r[v]["accuracy"]["mean"],
+                          100 * r[v]["accuracy"]["std"]) for r in rows)
+            xs, ys, sd = zip(*pts)
+            ax.plot(xs, ys, ls, marker=".", color=colors[v], label=f"{v}, budgeted ({rule})")
+            ax.fill_between(xs, [y - e for y, e in zip(ys, sd)], [y + e for y, e in zip(ys, sd)],
+                            color=colors[v], alpha=alpha, lw=0)
         ax.errorbar([r["cost_fraction"] for r in s["anytime"]], [100 * r[v]["mean"] for r in s["anytime"]],
                     yerr=[100 * r[v]["std"] for r in s["anytime"]], fmt="o", mfc="none", color=colors[v],
-                    capsize=3, label=f"{v} (anytime exits)")
-    ax.set_xlabel("mean cost (fraction of running all exits)")
+                    capsize=3, label=f"{v}, anytime exits")
+    ax.set_xlabel("mean test cost (fraction of running all exits)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"accuracy vs cost, mean ± std over {res['settings']['seeds']} seed(s)", fontsize=10)
+    noise = f", noise {cfg['noise']:g}" if cfg["noise"] else ""
+    ax.set_title(f"digits{noise}: accuracy vs cost, mean ± std over {cfg['seeds']} seed(s)", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right")
 
     def err(d):
         if d.get("ci_low") is None:
             return [[0], [0]]
         return [[100 * (d["mean"] - d["ci_low"])], [100 * (d["ci_high"] - d["mean"])]]
 
-    for i, r in enumerate(s["budget"]):
-        bx.errorbar([r["budget"]], [100 * r["diff"]["mean"]], yerr=err(r["diff"]), fmt="s", color="k", capsize=3,
-                    label="budgeted (x = budget)" if i == 0 else None)
+    marks = {"fraction": ("s", "k", -0.012), "flat": ("D", "tab:gray", 0.0)}
+    for rule, rows in s["budget"].items():
+        mk, col, dx = marks[rule]
+        for i, r in enumerate(rows):
+            bx.errorbar([r["budget"] + dx], [100 * r["diff"]["mean"]], yerr=err(r["diff"]), fmt=mk, color=col,
+                        capsize=3, ms=4, label=f"budgeted, {rule} (x = budget)" if i == 0 else None)
     for i, r in enumerate(s["anytime"]):
-        bx.errorbar([r["cost_fraction"] + 0.01], [100 * r["diff"]["mean"]], yerr=err(r["diff"]), fmt="o",
+        bx.errorbar([r["cost_fraction"] + 0.012], [100 * r["diff"]["mean"]], yerr=err(r["diff"]), fmt="o",
                     color="tab:green", capsize=3, label="anytime exit (x = its cost)" if i == 0 else None)
     bx.axhline(0, color="grey", lw=0.8)
     bx.set_xlabel("budget / cost fraction")
     bx.set_ylabel("boosted − baseline (accuracy points)")
-    bx.set_title("paired difference with 95 % CI", fontsize=10)
+    bx.set_title("paired difference, 95 % CI" + (" (one seed: no CI)" if cfg["seeds"] < 2 else ""), fontsize=10)
     bx.grid(True, alpha=0.3)
-    bx.legend(fontsize=8)
+    bx.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -546,12 +608,16 @@ def plot(res: dict, path: Path) -> None:
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _clean(o):
-    """NaN / infinity -> None (strict JSON)."""
+    """NaN / infinity -> None (strict JSON); tuple keys are not used."""
     if isinstance(o, float) and not math.isfinite(o):
         return None
     if isinstance(o, dict):
@@ -563,11 +629,11 @@ def _clean(o):
     return o
 
 
-def write_outputs(res: dict, out: Path, stem: str) -> str:
+def write_outputs(res: dict, out: Path, name: str) -> str:
     md = markdown(res)
-    write_atomic(out / f"{stem}.md", md)
+    write_atomic(out / f"{name}.md", md)
     try:
-        plot(res, out / f"{stem}.png")
+        plot(res, out / f"{name}.png")
     except ImportError:
         pass
     return md
@@ -576,22 +642,24 @@ def write_outputs(res: dict, out: Path, stem: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, fewer budgets: a smoke run")
-    ap.add_argument("--seeds", type=int, default=None)
-    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--seeds", type=int, default=None, help="seeds 0..S-1 (default 3; --quick: 1)")
+    ap.add_argument("--epochs", type=int, default=None, help="default 30 (--quick: 2)")
+    ap.add_argument("--noise", type=float, default=0.0,
+                    help="std of fixed Gaussian noise added to every image (a harder task); default 0")
     ap.add_argument("--rounds", type=int, default=None, help="latency rounds over the test samples")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--replot", action="store_true", help="rebuild the .md and .png from the saved .json")
     args = ap.parse_args()
     out = Path(args.out)
-    stem = f"{STEM}_quick" if args.quick else STEM
+    name = stem(args.quick, args.noise)
     if args.replot:
-        res = json.loads((out / f"{stem}.json").read_text())
-        print(write_outputs(res, out, stem))
+        res = json.loads((out / f"{name}.json").read_text())
+        print(write_outputs(res, out, name))
         return
     res = _clean(run(config(args)))
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / f"{stem}.json", json.dumps(res, indent=1, allow_nan=False))
-    print(write_outputs(res, out, stem))
+    write_atomic(out / f"{name}.json", json.dumps(res, indent=1, allow_nan=False))
+    print(write_outputs(res, out, name))
 
 
 if __name__ == "__main__":

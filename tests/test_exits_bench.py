@@ -56,36 +56,48 @@ def test_accuracies_and_costs(quick):
     for run in res["runs"]:
         assert [r["exit"] for r in run["anytime"]] == [1, 2, 3, 4]
         assert all(_acc(r["accuracy"]) for r in run["anytime"])
-        assert [r["budget_fraction"] for r in run["budget_curve"]] == s["budgets"]
-        for r in run["budget_curve"]:
-            assert _acc(r["accuracy"]) and 0 < r["mean_cost_fraction"] <= 1 + 1e-9
-            # thresholds fitted on val, cost measured on test: within a tolerance of the budget (or of exit 1's
-            # cost where the budget is below it); the flat rule only lowers cost on val
-            assert r["mean_cost_fraction"] <= max(r["budget_fraction"], c1) + 0.1
+        assert set(run["budget_curves"]) == {"flat", "fraction"}
+        for rule, curve in run["budget_curves"].items():
+            assert [r["budget_fraction"] for r in curve] == s["budgets"]
+            for r in curve:
+                assert _acc(r["accuracy"]) and 0 < r["mean_cost_fraction"] <= 1 + 1e-9
+                # thresholds fitted on val, cost measured on test: within a tolerance of the budget (of exit 1's
+                # cost where the budget is below it); the flat rule only lowers the cost on val
+                assert r["mean_cost_fraction"] <= max(r["budget_fraction"], c1) + 0.1, (rule, r)
+            if rule == "fraction":  # budget 1.0: p = 0, nobody leaves early
+                assert curve[-1]["budget_fraction"] == 1.0 and curve[-1]["mean_cost_fraction"] == pytest.approx(1.0)
+                assert curve[-1]["accuracy"] == run["anytime"][-1]["accuracy"]
     for r in res["summary"]["anytime"]:
         assert _acc(r["boosted"]["mean"]) and _acc(r["baseline"]["mean"])
         d = r["diff"]
         assert d["mean"] == pytest.approx(r["boosted"]["mean"] - r["baseline"]["mean"])
         assert d["ci_low"] is None and d["verdict"].startswith("n/a")  # one seed: no interval
-    assert [r["budget"] for r in res["summary"]["budget"]] == s["budgets"]
+    for rows in res["summary"]["budget"].values():
+        assert [r["budget"] for r in rows] == s["budgets"]
+        assert all(_acc(r[v]["accuracy"]["mean"]) for r in rows for v in ("boosted", "baseline"))
 
 
 def test_latency_and_runner_agree_with_torch(quick):
     _, res, _ = quick
     lat = res["latency"]
     assert lat["backbone"]["latency_ms"] > 0 and 0 < lat["backbone"]["flops_over_all_exits"] < 1
-    rows = lat["budgets"] + [lat["all_exits"]]
-    assert [r["budget"] for r in lat["budgets"]] == res["settings"]["latency_budgets"]
+    rows = lat["budgets"]
+    assert sorted((r["rule"], r["budget"]) for r in rows) == sorted(
+        (rule, b) for rule in ("flat", "fraction") for b in res["settings"]["latency_budgets"])
     n_test = res["settings"]["sizes"]["test"]
     for r in rows:
         assert r["latency_ms"] > 0 and r["latency_ratio"] > 0 and math.isfinite(r["latency_ratio"])
-        assert r["mismatches"] == 0
+        assert r["mismatches"] == 0  # the Runner's (label, exit) equals torch's for every test sample
         assert r["accuracy_runner"] == pytest.approx(r["accuracy_torch"], abs=1e-12)
         assert r["histogram_runner"] == r["histogram_torch"] and sum(r["histogram_runner"]) == n_test
         assert 0 < r["predicted_cost_fraction"] <= 1 + 1e-9
-    assert lat["all_exits"]["histogram_runner"][-1] == n_test  # no early exit without the flat rule at budget 1
-    assert lat["all_exits"]["predicted_cost_fraction"] == pytest.approx(1.0)
-    assert all(sg["ort_ms"] > 0 for sg in lat["segments"]) and len(lat["segments"]) == 4
+        assert r["predicted_cost_over_backbone"] == pytest.approx(
+            r["predicted_cost_fraction"] / lat["backbone"]["flops_over_all_exits"])
+    full = next(r for r in rows if r["rule"] == "fraction" and r["budget"] == 1.0)
+    assert full["histogram_runner"][-1] == n_test and full["predicted_cost_fraction"] == pytest.approx(1.0)
+    assert full["accuracy_torch"] == res["runs"][0]["anytime"][-1]["accuracy"]  # seed 0, boosted: exit 4
+    assert len(lat["segments"]) == 4 and all(sg["ort_ms"] > 0 for sg in lat["segments"])
+    assert sum(sg["flops_fraction"] for sg in lat["segments"]) == pytest.approx(1.0)
 
 
 def test_replot_rebuilds_md_from_json(quick):

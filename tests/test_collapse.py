@@ -1,0 +1,179 @@
+"""Online collapse (train_mode="collapsed"): the composed op equals the chain, and training in
+collapsed mode is training in explicit mode (same gradients, same parameters, same contraction)."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fxexpand
+import fxexpand.testing as ft
+from fxexpand.core import ExpandedRegion, find_regions
+from fxexpand.core.collapse import chain_problem, compose_chain, run_collapsed
+from fxexpand.models import SmallNet
+from fxexpand.passes import LinearExpand
+from fxexpand.testing import rel_error
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_composition_equals_the_chain(dtype):
+    torch.manual_seed(0)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for nd, g, (s1, s2), (d1, d2), p, b1, b2 in itertools.product(
+            [1, 2], [1, 3, 6], [(1, 1), (2, 1), (1, 2)], [(1, 1), (2, 1), (1, 3)], [0, 2], [False, True], [False, True]):
+        conv = nn.Conv1d if nd == 1 else nn.Conv2d
+        body = nn.Sequential(conv(6, 12, 3, stride=s1, padding=p, dilation=d1, groups=g, bias=b1),
+                             conv(12, 18, 3, stride=s2, dilation=d2, groups=g, bias=b2),
+                             conv(18, 6, 1, groups=g, bias=b2)).to(dtype)
+        assert chain_problem(body) == ""
+        x = torch.randn(2, 6, *([17] * nd), dtype=dtype)
+        with torch.no_grad():
+            a, b = body(x), run_collapsed(body, x)
+        assert a.shape == b.shape and rel_error(a, b) <= tol, (nd, g, s1, s2, d1, d2, p)
+        op = compose_chain(body)
+        assert op["groups"] == g and op["padding"] == (p,) * nd
+    lin = nn.Sequential(nn.Linear(5, 20), nn.Linear(20, 30, bias=False), nn.Linear(30, 4)).to(dtype)
+    x = torch.randn(3, 7, 5, dtype=dtype)
+    with torch.no_grad():
+        assert rel_error(lin(x), run_collapsed(lin, x)) <= tol
+
+
+def test_chains_that_cannot_collapse_say_why():
+    assert "BatchNorm2d" in chain_problem(nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)))
+    assert "ReLU" in chain_problem(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)))
+    assert "padded" in chain_problem(nn.Sequential(nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 3, padding=1)))
+    assert "groups" in chain_problem(nn.Sequential(nn.Conv2d(2, 2, 1, groups=2), nn.Conv2d(2, 2, 1)))
+    assert "mixes" in chain_problem(nn.Sequential(nn.Conv1d(2, 2, 1), nn.Conv2d(2, 2, 1)))
+    assert chain_problem(nn.Conv2d(2, 2, 1)) != ""
+
+
+def test_default_mode_and_report():
+    x = torch.randn(2, 3, 32, 32)
+    cl = fxexpand.compile(SmallNet(), passes=fxexpand.recipes.expandnets("CL"), example_inputs=(x,))
+    modes = {n.where: n.action for n in cl.fxexpand_notes if n.pass_name == "compile"}
+    assert modes and set(modes.values()) == {"collapsed"}
+    assert all(r.train_mode == "collapsed" for r in find_regions(cl).values())
+    nb = fxexpand.compile(torchvision.models.mobilenet_v2(width_mult=0.35), passes=fxexpand.recipes.netbooster())
+    notes = [n for n in nb.fxexpand_notes if n.pass_name == "compile"]
+    assert notes and all(n.action == "explicit" and "not linear and batch-independent" in n.reason for n in notes)
+    ex = fxexpand.compile(SmallNet(), passes=fxexpand.recipes.expandnets("CL"), train_mode="explicit")
+    assert all(r.train_mode == "explicit" for r in find_regions(ex).values())
+    with pytest.raises(ValueError):
+        fxexpand.compile(SmallNet(), passes=fxexpand.recipes.expandnets("CL"), train_mode="fast")
+
+
+def _mnv2():
+    return torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=10)
+
+
+CASES = {
+    "smallnet-CL": (SmallNet, lambda: fxexpand.recipes.expandnets("CL", ratio=2), (4, 3, 32, 32)),
+    "smallnet-CK": (SmallNet, lambda: fxexpand.recipes.expandnets("CK", ratio=2), (4, 3, 32, 32)),
+    "smallnet-FC": (SmallNet, lambda: fxexpand.recipes.expandnets("FC", ratio=2), (4, 3, 32, 32)),
+    "mobilenet_v2-CL": (_mnv2, lambda: [LinearExpand(mode="CL", ratio=2, fraction=0.3)], (4, 3, 64, 64)),
+    "mobilenet_v2-FC": (_mnv2, lambda: [LinearExpand(mode="FC", ratio=2)], (4, 3, 64, 64)),
+}
+
+
+def _train(model, x, y, opt_name, steps):
+    opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if opt_name == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=1e-3))
+    grads = None
+    torch.manual_seed(1)  # the same dropout masks in both forms
+    for step in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if step == 0:
+            grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+    return grads, opt
+
+
+def _rel(a, b):
+    return float((a - b).norm() / a.norm().clamp_min(1e-300))
+
+
+def _assert_grads_match(params, g_e, g_c, factors):
+    scale = max(float(g.norm()) for g in g_e if g is not None)
+    for p, a, b in zip(params, g_e, g_c):
+        assert (a is None) == (b is None)
+        if a is None:
+            continue
+        if float(a.norm()) <= 1e-12 * scale:  # analytically zero (a bias before a BatchNorm): rounding only
+            assert float(b.norm()) <= 1e-11 * scale
+        else:
+            assert _rel(a, b) <= (1e-10 if id(p) in factors else 1e-9)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_collapsed_training_is_explicit_training(case, opt_name):
+    make, passes, shape = CASES[case]
+    torch.manual_seed(0)
+    model = ft.randomize_bn(make()).double()
+    x = torch.randn(shape, dtype=torch.float64)
+    y = torch.randint(0, 10, (shape[0],))
+    collapsed = fxexpand.compile(model, passes=passes(), example_inputs=(x,))
+    assert any(r.train_mode == "collapsed" for r in find_regions(collapsed).values())
+    explicit = copy.deepcopy(collapsed)
+    fxexpand.set_train_mode(explicit, "explicit")
+    g_c, opt_c = _train(collapsed.train(), x, y, opt_name, 3)
+    g_e, opt_e = _train(explicit.train(), x, y, opt_name, 3)
+    factors = {id(p) for r in find_regions(explicit).values() for p in r.parameters()}
+    _assert_grads_match(list(explicit.parameters()), g_e, g_c, factors)
+    for (name, a), b in zip(explicit.named_parameters(), collapsed.parameters()):  # every factor after N steps
+        if id(a) in factors:
+            assert _rel(a.detach(), b.detach()) <= 1e-9, name
+    flat_e = torch.cat([p.detach().flatten() for p in explicit.parameters()])
+    flat_c = torch.cat([p.detach().flatten() for p in collapsed.parameters()])
+    assert _rel(flat_e, flat_c) <= 1e-9  # all parameters (BatchNorm layers included), globally
+    assert collapsed.state_dict().keys() == explicit.state_dict().keys()
+    sc, se = fxexpand.contract(collapsed.eval(), (x,)), fxexpand.contract(explicit.eval(), (x,))
+    assert se.state_dict().keys() == sc.state_dict().keys()
+    with torch.no_grad():  # the same contracted model: equal outputs, weights equal to rounding
+        assert rel_error(se(x), sc(x)) <= 1e-9
+    for k, v in se.state_dict().items():
+        assert _rel(v.double(), sc.state_dict()[k].double()) <= 1e-8 or v.abs().max() == 0, k
+
+
+def test_checkpoint_moves_between_forms():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    a = fxexpand.compile(SmallNet(), passes=fxexpand.recipes.expandnets("CL"), example_inputs=(x,))
+    opt = torch.optim.Adam(a.parameters())
+    a(x).sum().backward()
+    opt.step()
+    b = fxexpand.compile(SmallNet(), passes=fxexpand.recipes.expandnets("CL"), example_inputs=(x,),
+                         train_mode="explicit")
+    b.load_state_dict(a.state_dict())
+    opt_b = torch.optim.Adam(b.parameters())
+    opt_b.load_state_dict(opt.state_dict())
+    with torch.no_grad():
+        assert rel_error(a.eval()(x), b.eval()(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_models_collapse_exactly(seed):
+    model, inputs = ft.random_model(seed)
+    model = model.double()
+    xs = tuple(t.double() for t in inputs)
+    collapsed = fxexpand.compile(model, passes=fxexpand.recipes.expandnets("CL", ratio=2), example_inputs=xs)
+    regions = find_regions(collapsed)
+    if not regions:
+        pytest.skip("nothing expanded")
+    explicit = copy.deepcopy(collapsed)
+    fxexpand.set_train_mode(explicit, "explicit")
+    collapsed.train(), explicit.train()
+    torch.manual_seed(1)
+    out_c = collapsed(*xs)
+    torch.manual_seed(1)  # the same dropout masks
+    out_e = explicit(*xs)
+    assert rel_error(out_e, out_c) <= 1e-10
+    gc = torch.autograd.grad(out_c.square().sum(), list(collapsed.parameters()), allow_unused=True)
+    ge = torch.autograd.grad(out_e.square().sum(), list(explicit.parameters()), allow_unused=True)
+    factors = {id(p) for r in find_regions(explicit).values() for p in r.parameters()}
+    _assert_grads_match(list(explicit.parameters()), ge, gc, factors)
+    assert all(isinstance(r, ExpandedRegion) for r in regions.values())
