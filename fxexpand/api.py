@@ -96,9 +96,9 @@ def compile(  # noqa: A001 - mirrors torch.compile's name on purpose
     shape information for passes that need it and ``verify_each`` (which names the first pass that
     changed the model's function — only meaningful for function-preserving passes).
 
-    ``train_mode="collapsed"`` (default): every expanded region whose body is a linear,
-    batch-independent chain (ExpandNets CL, CK, FC) runs as one op whose weight is composed from the
-    chain's factors each forward — the same function, parameters and gradients as the chain, at
+    ``train_mode="collapsed"`` (default): in training mode every expanded region whose body is a
+    linear, batch-independent chain (ExpandNets CL, CK, FC) runs as one op whose weight is composed
+    from the chain's factors each forward — the same function, parameters and gradients as the chain, at
     about the original layer's cost; other regions (NetBooster blocks: BatchNorm, activations) run
     explicitly. ``"explicit"`` runs every chain. The notes say which region runs how and why; switch
     later with :func:`set_train_mode`.

@@ -59,6 +59,11 @@ def test_default_mode_and_report():
     nb = fxexpand.compile(torchvision.models.mobilenet_v2(width_mult=0.35), passes=fxexpand.recipes.netbooster())
     notes = [n for n in nb.fxexpand_notes if n.pass_name == "compile"]
     assert notes and all(n.action == "explicit" and "not linear and batch-independent" in n.reason for n in notes)
+    region = find_regions(cl)["features.0"]
+    with torch.no_grad():
+        assert torch.equal(region.eval()(x), region.body(x))          # eval / export: the explicit chain
+        assert not torch.equal(region.train()(x), region.body(x))     # training: the composed op (rounding differs)
+        assert rel_error(region(x), region.body(x)) <= 1e-5
     ex = fxexpand.compile(SmallNet(), passes=fxexpand.recipes.expandnets("CL"), train_mode="explicit")
     assert all(r.train_mode == "explicit" for r in find_regions(ex).values())
     with pytest.raises(ValueError):

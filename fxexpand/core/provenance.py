@@ -118,8 +118,9 @@ class ExpandedRegion(nn.Module):
         self.train_mode = "explicit"
 
     def set_train_mode(self, mode: str) -> str:
-        """``"collapsed"``: run the body as one op whose weight is composed from the factors each
-        forward (:mod:`fxexpand.core.collapse`) — if the body is a linear, batch-independent chain;
+        """``"collapsed"``: in training mode, run the body as one op whose weight is composed from the
+        factors each forward (:mod:`fxexpand.core.collapse`) — if the body is a linear,
+        batch-independent chain (eval mode, export and tracing run the chain);
         ``"explicit"``: run the chain. Returns the mode in effect and, for an explicit region asked
         to collapse, why (``"explicit: <reason>"``)."""
         if mode not in ("collapsed", "explicit"):
@@ -133,8 +134,9 @@ class ExpandedRegion(nn.Module):
                 f"train_mode={getattr(self, 'train_mode', 'explicit')!r}")
 
     def forward(self, *args, **kwargs):
-        # traced (contraction inlines regions): always the explicit chain, which the passes contract
-        if getattr(self, "train_mode", "explicit") == "collapsed" and len(args) == 1 and not kwargs \
+        # collapsed in training only; in eval mode, exported or traced (contraction inlines regions)
+        # the region runs its explicit chain, which the passes contract
+        if self.training and getattr(self, "train_mode", "explicit") == "collapsed" and len(args) == 1 and not kwargs \
                 and isinstance(args[0], torch.Tensor) and not isinstance(args[0], fx.Proxy):
             return run_collapsed(self.body, args[0])
         return self.body(*args, **kwargs)

@@ -1,0 +1,230 @@
+"""Training cost of ExpandNets models run explicitly vs collapsed vs the original (issue: online collapse).
+
+For each model and ExpandNets mode (CL, CK, FC; ratio 4, the paper's): one training step (forward,
+backward, SGD step) of
+
+* the original model,
+* the expanded model with ``train_mode="explicit"`` (every chain runs as its layers),
+* the expanded model with ``train_mode="collapsed"`` (the default: each chain runs as one op whose
+  weight is composed from the factors in that forward),
+
+timed alternately in one process (rounds rotate the order; medians; torch threads 1), with
+
+* peak memory: bytes autograd saves for the backward (exact, ``saved_tensors_hooks``) and peak RSS
+  growth of a fresh child process over a few steps (Linux ``VmHWM`` after ``malloc_trim``);
+* the composition's own share of a collapsed step: the time to compose every region's kernel
+  (forward, with autograd recording) over the collapsed step time.
+
+    python benchmarks/collapse_bench.py           # ~5 min on 2 cores; benchmarks/results/collapse_bench.*
+    python benchmarks/collapse_bench.py --quick   # smoke run (the tests use it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, machine_info  # noqa: E402
+
+import fxexpand  # noqa: E402
+from fxexpand.core import find_regions  # noqa: E402
+from fxexpand.core.collapse import compose_chain  # noqa: E402
+from fxexpand.demo import DigitsNet  # noqa: E402
+from fxexpand.models import SmallNet  # noqa: E402
+
+VARIANTS = ("original", "explicit", "collapsed")
+
+
+def _cases(quick: bool) -> list[tuple[str, str, int, int]]:
+    """(model, mode, input side, batch)."""
+    if quick:
+        return [("smallnet", "CL", 32, 8), ("digits_tiny_cnn", "FC", 8, 16)]
+    cases = []
+    for mode in ("CL", "CK", "FC"):
+        cases.append(("smallnet", mode, 32, 32))
+    for side in (64, 112):
+        for mode in ("CL", "FC"):
+            cases.append(("mobilenet_v2_0.35", mode, side, 16))
+    for mode in ("CL", "FC"):
+        cases.append(("digits_tiny_cnn", mode, 8, 64))
+    return cases
+
+
+def _model(name: str) -> torch.nn.Module:
+    if name == "smallnet":
+        return SmallNet()
+    if name == "digits_tiny_cnn":
+        return DigitsNet()
+    return torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=10)
+
+
+def _build(name: str, mode: str, side: int, batch: int):
+    torch.manual_seed(0)
+    model = _model(name)
+    cin = 1 if name == "digits_tiny_cnn" else 3
+    x = torch.randn(batch, cin, side, side)
+    y = torch.randint(0, 10, (batch,))
+    expanded = fxexpand.compile(model, passes=fxexpand.recipes.expandnets(mode), example_inputs=(x[:2],))
+    explicit = copy.deepcopy(expanded)
+    fxexpand.set_train_mode(explicit, "explicit")
+    collapsed = expanded
+    models = {"original": model.train(), "explicit": explicit.train(), "collapsed": collapsed.train()}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
+    return models, opts, x, y
+
+
+def _step(model, opt, x, y) -> None:
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _saved_bytes(model, x, y) -> int:
+    total = {"n": 0}
+
+    def pack(t):
+        total["n"] += t.numel() * t.element_size()
+        return t
+
+    m = copy.deepcopy(model)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(m(x), y)
+    del loss
+    return total["n"]
+
+
+def _compose_ms(model, rounds: int) -> float:
+    regions = [r for r in find_regions(model).values() if r.train_mode == "collapsed"]
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for r in regions:
+            compose_chain(r.body)
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _child(name: str, mode: str, side: int, batch: int, variant: str, steps: int) -> int:
+    torch.set_num_threads(1)
+    models, opts, x, y = _build(name, mode, side, batch)
+    keep = {variant: models[variant]}
+    del models
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kb("VmRSS")
+    for _ in range(steps):
+        _step(keep[variant], opts[variant], x, y)
+    return (_status_kb("VmHWM") - before) * 1024
+
+
+def _rss(case, variant: str, steps: int) -> int:
+    name, mode, side, batch = case
+    out = subprocess.run([sys.executable, __file__, "--child", name, mode, str(side), str(batch), variant, str(steps)],
+                         capture_output=True, text=True, timeout=900, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def run(quick: bool, rounds: int, mem_steps: int) -> dict:
+    torch.set_num_threads(1)
+    rows = []
+    for case in _cases(quick):
+        name, mode, side, batch = case
+        models, opts, x, y = _build(name, mode, side, batch)
+        regions = find_regions(models["collapsed"])
+        n_coll = sum(r.train_mode == "collapsed" for r in regions.values())
+        for v in VARIANTS:
+            _step(models[v], opts[v], x, y)  # warm-up
+        times = {v: [] for v in VARIANTS}
+        for r in range(rounds):
+            order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
+            for v in order:
+                t0 = time.perf_counter()
+                _step(models[v], opts[v], x, y)
+                times[v].append(time.perf_counter() - t0)
+        med = {v: statistics.median(t) for v, t in times.items()}
+        saved = {v: _saved_bytes(models[v], x, y) for v in VARIANTS}
+        rss = {v: _rss(case, v, mem_steps) for v in VARIANTS}
+        compose = _compose_ms(models["collapsed"], rounds)
+        flops = {v: fxexpand.count_flops(models[v], (x,)) for v in VARIANTS}
+        rows.append({
+            "model": name, "mode": mode, "input": [batch, x.shape[1], side, side], "regions": len(regions),
+            "collapsed_regions": n_coll,
+            "step_ms": {v: round(1000 * t, 3) for v, t in med.items()},
+            "time_ratio": {v: round(med[v] / med["original"], 3) for v in VARIANTS},
+            "saved_bytes": saved, "saved_ratio": {v: round(saved[v] / saved["original"], 3) for v in VARIANTS},
+            "rss_growth_bytes": rss,
+            "rss_ratio": {v: round(rss[v] / max(rss["original"], 1), 3) for v in VARIANTS},
+            "forward_flops_ratio": {v: round(flops[v] / flops["original"], 3) for v in VARIANTS},
+            "compose_ms": round(compose, 3), "compose_share_of_collapsed_step": round(compose / (1000 * med["collapsed"]), 3),
+        })
+        print(f"{name} {mode} {side}: time x{rows[-1]['time_ratio']}, saved x{rows[-1]['saved_ratio']}", flush=True)
+    return {"machine": machine_info(), "rounds": rounds, "mem_steps": mem_steps, "rows": rows}
+
+
+def _markdown(res: dict) -> str:
+    lines = ["| model | mode | input | original step ms | time explicit / collapsed (× original) | "
+             "saved activations explicit / collapsed (×) | peak RSS growth explicit / collapsed (×) | "
+             "composition share of a collapsed step | target met (collapsed ≤ 1.3× where explicit ≥ 3×) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in res["rows"]:
+        t, s, m = r["time_ratio"], r["saved_ratio"], r["rss_ratio"]
+        heavy = t["explicit"] >= 3 or s["explicit"] >= 3
+        met = "n/a (explicit < 3×)" if not heavy else (
+            "yes" if t["collapsed"] <= 1.3 and s["collapsed"] <= 1.3 else "**no**")
+        lines.append(f"| {r['model']} | {r['mode']} | {'x'.join(map(str, r['input']))} | {r['step_ms']['original']:.1f} | "
+                     f"{t['explicit']:.2f} / {t['collapsed']:.2f} | {s['explicit']:.2f} / {s['collapsed']:.2f} | "
+                     f"{m['explicit']:.2f} / {m['collapsed']:.2f} | {100 * r['compose_share_of_collapsed_step']:.1f} % | "
+                     f"{met} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--mem-steps", type=int, default=None)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--replot", action="store_true", help="rewrite the .md from the saved .json")
+    args = ap.parse_args()
+    if args.child:
+        name, mode, side, batch, variant, steps = args.child
+        print(_child(name, mode, int(side), int(batch), variant, int(steps)))
+        return
+    stem = "collapse_bench_quick" if args.quick else "collapse_bench"
+    out = Path(args.out)
+    if args.replot:
+        res = json.loads((out / f"{stem}.json").read_text())
+    else:
+        res = run(args.quick, args.rounds or (3 if args.quick else 15), args.mem_steps or (1 if args.quick else 3))
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{stem}.json.tmp"
+        tmp.write_text(json.dumps(res, indent=2))
+        tmp.replace(out / f"{stem}.json")
+    (out / f"{stem}.md").write_text(_markdown(res))
+    print(_markdown(res))
+
+
+if __name__ == "__main__":
+    main()
