@@ -12,15 +12,21 @@ Composition (per spatial dim; conv1: k1, s1, p1, d1, groups g; conv2: k2, s2, pa
 
     K[o, i, u] = Σ_m Σ_{a,b : D·u = d1·a + s1·d2·b} W2[o, m, b] · W1[m, i, a],   D = gcd(d1, s1·d2)
 
-— a full convolution of W1 (zero-upsampled by d1/D) with W2 (dilated by s1·d2/D), computed with
-``conv_transpose`` (its ``groups`` keep grouped and depthwise chains grouped). The result is one
-conv with stride s1·s2, padding p1, dilation D; bias ``b2 + Σ W2·b1``. Linear layers:
+computed per group (grouped and depthwise chains stay grouped) as two batched products: over the
+middle channels m, then over the tap pairs (a, b) with a constant 0/1 map P[a, b, u] of the
+geometry (cached; it does not depend on the factors). When either kernel is pointwise — ExpandNets'
+CL chains are 1x1 → k×k → 1x1 — it is a single product per tap. (``conv_transpose`` would compute
+the same full convolution, but PyTorch runs a grouped transposed convolution group by group on
+CPU: 10x slower for depthwise chains.) The result is one conv with stride s1·s2, padding p1,
+dilation D; bias ``b2 + Σ W2·b1``. Linear layers:
 ``W = W2 W1``, ``b = W2 b1 + b2``. The chain is composed left to right, once per forward; nothing is
 cached across steps (the factors change every step).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from typing import Any
 
@@ -28,10 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["chain_problem", "compose_chain", "run_collapsed"]
+__all__ = ["chain_problem", "compose_chain", "run_collapsed", "collapse_pays", "chain_costs"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -60,23 +65,44 @@ def chain_problem(body: nn.Module) -> str:
     return ""
 
 
+@functools.lru_cache(maxsize=256)
+def _tap_map(k1: tuple, k2: tuple, s1: tuple, d1: tuple, d2: tuple, D: tuple, size: tuple) -> torch.Tensor:
+    """P[a, b, u] = 1 where tap a of conv1 and tap b of conv2 land on tap u of the composed kernel
+    (per dim: d1·a + s1·d2·b = D·u); a constant of the geometry (cached), not of the factors."""
+    nd = len(k1)
+    taps1 = list(itertools.product(*[range(k) for k in k1]))
+    taps2 = list(itertools.product(*[range(k) for k in k2]))
+    out = list(itertools.product(*[range(k) for k in size]))
+    index = {u: n for n, u in enumerate(out)}
+    p = torch.zeros(len(taps1), len(taps2), len(out), dtype=torch.float64)
+    for ia, a in enumerate(taps1):
+        for ib, b in enumerate(taps2):
+            u = tuple((d1[k] * a[k] + s1[k] * d2[k] * b[k]) // D[k] for k in range(nd))
+            p[ia, ib, index[u]] = 1.0
+    return p
+
+
 def _compose_conv(w1: torch.Tensor, b1, s1, p1, d1, w2: torch.Tensor, b2, s2, d2, groups: int):
     nd = w1.dim() - 2
+    k1, k2 = tuple(w1.shape[2:]), tuple(w2.shape[2:])
+    # a 1-tap kernel has no dilation: pick the one that keeps the composed grid coarsest
+    d1 = tuple(s1[k] * d2[k] if k1[k] == 1 else d1[k] for k in range(nd))
+    d2 = tuple(d1[k] // s1[k] if k2[k] == 1 and d1[k] % s1[k] == 0 else d2[k] for k in range(nd))
     D = tuple(math.gcd(d1[k], s1[k] * d2[k]) for k in range(nd))
-    up = tuple(d1[k] // D[k] for k in range(nd))
-    dil = tuple(s1[k] * d2[k] // D[k] for k in range(nd))
-    x = w1.transpose(0, 1)  # [C_in/g, M, k1...]: a batch of C_in/g "signals" with M channels
-    if any(u > 1 for u in up):
-        shape = (*x.shape[:2], *[(x.shape[2 + k] - 1) * up[k] + 1 for k in range(nd)])
-        z = x.new_zeros(shape)
-        z[(slice(None), slice(None), *[slice(None, None, u) for u in up])] = x
-        x = z
-    # conv_transpose weight: [in = M, out/g = C_out/g, k2...]; W2 is [C_out, M/g, k2...]
+    size = tuple((d1[k] * (k1[k] - 1) + s1[k] * d2[k] * (k2[k] - 1)) // D[k] + 1 for k in range(nd))
     o, mg = w2.shape[0], w2.shape[1]
-    wt = w2.reshape(groups, o // groups, mg, *w2.shape[2:]).transpose(1, 2).reshape(groups * mg, o // groups,
-                                                                                 *w2.shape[2:])
-    k = _TRANSPOSE[nd](x, wt, None, 1, 0, 0, groups, dil)  # [C_in/g, C_out, K...]
-    weight = k.transpose(0, 1)
+    ig = w1.shape[1]
+    W1 = w1.reshape(groups, mg, ig, -1)             # [g, M/g, C_in/g, taps1]
+    W2 = w2.reshape(groups, o // groups, mg, -1)    # [g, C_out/g, M/g, taps2]
+    if W1.shape[-1] == 1 and W2.shape[-1] == math.prod(size):   # pointwise first: a matrix product per tap
+        K = torch.einsum("gomb,gmi->goib", W2, W1[..., 0])
+    elif W2.shape[-1] == 1 and W1.shape[-1] == math.prod(size):  # pointwise second
+        K = torch.einsum("gom,gmia->goia", W2[..., 0], W1)
+    else:
+        P = _tap_map(k1, k2, tuple(s1), d1, d2, D, size).to(device=w1.device, dtype=w1.dtype)
+        Q = torch.einsum("gomb,gmia->goiab", W2, W1)
+        K = torch.einsum("goiab,abu->goiu", Q, P)
+    weight = K.reshape(o, ig, *size)
     bias = b2
     if b1 is not None:
         sums = w2.sum(dim=tuple(range(2, w2.dim())))  # [C_out, M/g]
@@ -113,3 +139,39 @@ def run_collapsed(body: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, op["weight"], op["bias"])
     nd = op["weight"].dim() - 2
     return _CONV_FN[nd](x, op["weight"], op["bias"], op["stride"], op["padding"], op["dilation"], op["groups"])
+
+
+def chain_costs(body: nn.Sequential, shape: tuple[int, ...]) -> tuple[float, float]:
+    """Multiply-accumulates of one forward of ``body`` on an input of ``shape``: (explicit chain,
+    collapsed = composition + one op). The backward costs about twice the forward in both forms."""
+    layers = list(body)
+    batch = shape[0]
+    if type(layers[0]) is nn.Linear:
+        rows = math.prod(shape[:-1])
+        explicit = sum(rows * m.in_features * m.out_features for m in layers)
+        comp, cin = 0, layers[0].in_features
+        for m in layers[1:]:
+            comp += m.out_features * m.in_features * cin
+        return float(explicit), float(comp + rows * cin * layers[-1].out_features)
+    spatial = list(shape[2:])
+    explicit = 0.0
+    for i, m in enumerate(layers):
+        pad = m.padding if i == 0 else (0,) * len(spatial)
+        spatial = [(spatial[k] + 2 * pad[k] - m.dilation[k] * (m.kernel_size[k] - 1) - 1) // m.stride[k] + 1
+                   for k in range(len(spatial))]
+        explicit += batch * math.prod(spatial) * m.out_channels * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+    g = layers[0].groups
+    comp, taps, ig = 0.0, math.prod(layers[0].kernel_size), layers[0].in_channels // g
+    for m in layers[1:]:
+        t2 = math.prod(m.kernel_size)
+        comp += m.out_channels * (m.in_channels // g) * ig * taps * t2
+        taps = taps + t2 - 1 if taps > 1 and t2 > 1 else taps * t2  # upper bound of the composed taps
+    out = layers[-1].out_channels
+    return explicit, comp + batch * math.prod(spatial) * out * ig * taps
+
+
+def collapse_pays(body: nn.Sequential, shape: tuple[int, ...]) -> bool:
+    """Whether the collapsed form costs fewer multiply-accumulates than the chain on this input
+    (a deep layer with a small feature map and many channels can be cheaper to run explicitly)."""
+    explicit, collapsed = chain_costs(body, tuple(shape))
+    return collapsed < explicit

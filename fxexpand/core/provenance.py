@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .collapse import chain_problem, run_collapsed
+from .collapse import chain_problem, collapse_pays, run_collapsed
 
 __all__ = [
     "ExpandedRegion",
@@ -120,7 +120,8 @@ class ExpandedRegion(nn.Module):
     def set_train_mode(self, mode: str) -> str:
         """``"collapsed"``: in training mode, run the body as one op whose weight is composed from the
         factors each forward (:mod:`fxexpand.core.collapse`) — if the body is a linear,
-        batch-independent chain (eval mode, export and tracing run the chain);
+        batch-independent chain, and for each input where that costs fewer multiply-accumulates than
+        the chain (eval mode, export and tracing run the chain);
         ``"explicit"``: run the chain. Returns the mode in effect and, for an explicit region asked
         to collapse, why (``"explicit: <reason>"``)."""
         if mode not in ("collapsed", "explicit"):
@@ -137,7 +138,8 @@ class ExpandedRegion(nn.Module):
         # collapsed in training only; in eval mode, exported or traced (contraction inlines regions)
         # the region runs its explicit chain, which the passes contract
         if self.training and getattr(self, "train_mode", "explicit") == "collapsed" and len(args) == 1 and not kwargs \
-                and isinstance(args[0], torch.Tensor) and not isinstance(args[0], fx.Proxy):
+                and isinstance(args[0], torch.Tensor) and not isinstance(args[0], fx.Proxy) \
+                and collapse_pays(self.body, tuple(args[0].shape)):
             return run_collapsed(self.body, args[0])
         return self.body(*args, **kwargs)
 
