@@ -94,10 +94,12 @@ def _compose_conv(w1: torch.Tensor, b1, s1, p1, d1, w2: torch.Tensor, b2, s2, d2
     ig = w1.shape[1]
     W1 = w1.reshape(groups, mg, ig, -1)             # [g, M/g, C_in/g, taps1]
     W2 = w2.reshape(groups, o // groups, mg, -1)    # [g, C_out/g, M/g, taps2]
-    if W1.shape[-1] == 1 and W2.shape[-1] == math.prod(size):   # pointwise first: W1ᵀ @ W2[o], per tap
-        K = torch.matmul(W1[..., 0].transpose(1, 2).unsqueeze(1), W2)          # [g, C_out/g, C_in/g, taps]
-    elif W2.shape[-1] == 1 and W1.shape[-1] == math.prod(size):  # pointwise second: W2 @ W1 (taps ride along)
+    if W2.shape[-1] == 1 and W1.shape[-1] == math.prod(size):  # pointwise second: W2 @ W1 (taps ride along)
         K = torch.matmul(W2[..., 0], W1.reshape(groups, mg, -1))                # [g, C_out/g, C_in/g * taps]
+    elif W1.shape[-1] == 1 and W2.shape[-1] == math.prod(size):  # pointwise first: (W2 per tap) @ W1
+        taps = W2.shape[-1]
+        K = torch.matmul(W2.permute(0, 1, 3, 2).reshape(groups, -1, mg), W1[..., 0])   # [g, C_out/g * taps, C_in/g]
+        K = K.reshape(groups, o // groups, taps, ig).transpose(2, 3)
     else:
         P = _tap_map(k1, k2, tuple(s1), d1, d2, D, size).to(device=w1.device, dtype=w1.dtype)
         Q = torch.einsum("gomb,gmia->goiab", W2, W1)
