@@ -107,17 +107,31 @@ def segments(model: nn.Module, example_inputs: Any) -> list[Segment]:
     nodes = list(gm.graph.nodes)
     cut_names = {name: k for k, name in enumerate(rec.points[:-1])}
     head_of = {f"exit_heads.{k}": k for k in range(rec.num_exits - 1)}
+    # nodes between a cut and its head (a copy of the cut for an in-place trunk) belong to the head
+    head_side: dict[fx.Node, int] = {}
+    for node in nodes:
+        k = head_of.get(node.target) if node.op == "call_module" else None
+        if k is None:
+            continue
+        stack = list(node.all_input_nodes)
+        while stack:
+            a = stack.pop()
+            if a.name in cut_names or a.op == "placeholder" or a in head_side:
+                continue
+            head_side[a] = k
+            stack.extend(a.all_input_nodes)
     seg: dict[fx.Node, int] = {}
     for node in nodes:
         if node.op in ("output", "get_attr"):
             continue
         best = 0
+        mine = head_of.get(node.target) if node.op == "call_module" else head_side.get(node)
         for a in node.all_input_nodes:
             if a.op == "get_attr":
                 continue
             s = seg[a]
             k = cut_names.get(a.name)
-            if k is not None and head_of.get(node.target) != k:
+            if k is not None and mine != k:
                 s += 1  # the trunk goes on in the next segment; head k stays with its cut
             best = max(best, s)
         seg[node] = best
@@ -294,7 +308,8 @@ def export(model: nn.Module, example_inputs: Any, out_dir: str | os.PathLike, po
         for k, s in enumerate(segs):
             path = export_onnx(_Named(s.module), s.example, tmp / f"segment_{k + 1}.onnx")
             manifest.append({"file": path.name, "inputs": s.inputs, "outputs": s.outputs, "logits": s.logits})
-        payload = {"format": "fxexpand-early-exit", "version": 1, "segments": manifest,
+        inputs = [n.name for n in _inference_graph(model)[0].graph.nodes if n.op == "placeholder"]
+        payload = {"format": "fxexpand-early-exit", "version": 1, "inputs": inputs, "segments": manifest,
                    "policy": policy.to_dict()}
         (tmp / "policy.json").write_text(json.dumps(payload, indent=2, allow_nan=False))
         if out.exists():
@@ -332,6 +347,7 @@ class Runner:
         if payload.get("format") != "fxexpand-early-exit":
             raise InputError(f"{d / 'policy.json'} is not an fxexpand early-exit manifest")
         self.policy = Policy.from_dict(payload["policy"])
+        self.inputs = list(payload.get("inputs") or payload["segments"][0]["inputs"])
         import onnxruntime as ort  # lazy: only deployment needs it (import time of `import fxexpand`)
 
         opts = ort.SessionOptions()
@@ -345,8 +361,9 @@ class Runner:
     def __call__(self, *inputs: Any) -> tuple[int, int]:
         """Label and 1-based exit index for one sample (batch of 1)."""
         values: dict[str, np.ndarray] = {}
-        first = self.segments[0][2]["inputs"]
-        for name, t in zip(first, inputs):
+        if len(inputs) != len(self.inputs):
+            raise InputError(f"the model takes {len(self.inputs)} inputs ({', '.join(self.inputs)}), got {len(inputs)}")
+        for name, t in zip(self.inputs, inputs):  # the model's own argument order
             values[name] = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
         boosted = None
         n_exits = len(self.segments)

@@ -204,7 +204,7 @@ def sort_channels(model: nn.Module, *, scope: Literal["augmented", "all"] = "aug
             for g, mx, per in layer.in_spec:
                 if g == gid:
                     cols = layer.weight.detach().abs().double().transpose(0, 1).flatten(1).sum(1)
-                    importance += cols[off * per:(off + mx) * per].view(mx, per).sum(1).cpu()
+                    importance += cols[off:off + mx * per].view(mx, per).sum(1).cpu()
                     found = True
                 off += mx * per
         if not found:

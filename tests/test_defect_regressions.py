@@ -170,3 +170,128 @@ def test_insert_ema_blocks_refuses_before_changing_anything():
     assert ft.graph_signature(start) == before  # nothing half rewritten (submodules were deleted before)
     ft.assert_unchanged(start, snap, "a refused InsertEMABlocks")
     assert len(start(x)) == 1
+
+
+# -- review of NetAug / BoostNet / online collapse -----------------------------------------------------
+def test_runner_feeds_a_two_input_model_by_name(tmp_path):
+    """split_module orders segment 1's inputs by first use; the Runner must feed by the model's names."""
+    import torch.nn.functional as F
+
+    from fxexpand import exit_policy, exits
+    from fxexpand.passes import InsertEarlyExits
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU())
+            self.b = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU())
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x, y):
+            z = torch.cat([y * 2, x], 1)  # y is read first
+            return self.fc(self.b(self.a(z)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8)
+    multi = fxexpand.compile(TwoInputs(), passes=[InsertEarlyExits(at=["a"], head="linear")],
+                             example_inputs=(x, y)).eval()
+    policy = exits.Policy([float("inf"), float("-inf")], [0.5], True, [1.0, 1.0], 0.0, None)  # always the last exit
+    out = exits.export(multi, (x, y), tmp_path / "d", policy)
+    runner = exits.Runner(out)
+    for _ in range(3):
+        xs, ys = torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8)
+        with torch.no_grad():
+            want = int(multi(xs, ys)[-1].argmax(1))
+        assert runner(xs, ys) == (want, 2)
+    assert F is not None and exit_policy is not None
+
+
+def test_exit_before_an_in_place_trunk_op_trains_and_matches_its_segment():
+    from fxexpand import exits
+    from fxexpand.passes import InsertEarlyExits
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b1 = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+            self.act = nn.ReLU(inplace=True)
+            self.b2 = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU())
+            self.fc = nn.Linear(4, 5)
+
+        def forward(self, x):
+            return self.fc(self.b2(self.act(self.b1(x))).mean((2, 3)))
+
+    x = torch.randn(2, 3, 8, 8)
+    for rescale in (True, False):
+        multi = fxexpand.compile(InPlace(), passes=[InsertEarlyExits(at=["b1"], head="linear",
+                                                                     rescale_gradients=rescale)], example_inputs=(x,))
+        exits.loss(multi.train()(x), torch.tensor([0, 1])).backward()       # no in-place autograd error
+        multi.eval()
+        with torch.no_grad():
+            f1 = multi(x)[0]
+            seg = exits.segments(multi, (x,))[0]
+            res = seg.module(*seg.example)
+            res = res if isinstance(res, tuple) else (res,)
+            assert torch.allclose(dict(zip(seg.outputs, res))[seg.logits], f1, atol=1e-6)  # the head saw the pre-ReLU map
+
+
+def test_sort_channels_with_a_flattened_concatenation():
+    from fxexpand.passes import AugmentWidth
+
+    class CatFlat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 6, 3, padding=1)
+            self.fc = nn.Linear(10 * 4, 5)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(torch.cat([self.a(x), self.b(x)], 1), 2), 1))
+
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    aug = fxexpand.compile(CatFlat().double(), passes=[AugmentWidth()], example_inputs=(x,)).eval()
+    with torch.no_grad():
+        fxexpand.set_width(aug, "max")
+        before = aug(x)
+        perms = fxexpand.sort_channels(aug, scope="all")
+        assert set(perms) == {"a", "b"}
+        assert (aug(x) - before).abs().max() <= 1e-12 * before.abs().max()
+
+
+def test_augment_width_with_same_padding_and_reflect_mode():
+    from fxexpand.passes import AugmentWidth
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same", padding_mode="reflect"), nn.ReLU(),
+                          nn.Conv2d(4, 5, 3, padding="same", padding_mode="reflect"), nn.Flatten(), nn.Linear(5 * 36, 2))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    model = model.double()
+    aug = fxexpand.compile(model, passes=[AugmentWidth()], example_inputs=(x,)).eval()
+    with torch.no_grad():
+        assert torch.equal(aug(x), model.eval()(x))
+        fxexpand.set_width(aug, "max")
+        assert aug(x).shape == (2, 2)
+
+
+def test_contracted_models_carry_no_stale_exit_or_width_record():
+    from fxexpand.core import ExitRecord, WidthRecord, get_record
+    from fxexpand.demo import DigitsNet
+    from fxexpand.passes import AugmentWidth, InsertEarlyExits
+
+    x = torch.randn(2, 1, 8, 8)
+    multi = fxexpand.compile(DigitsNet(), passes=[InsertEarlyExits()], example_inputs=(x,)).eval()
+    once = fxexpand.contract(multi, (x,))
+    assert get_record(once, ExitRecord) is None
+    fxexpand.contract(once, (x,))                                    # contracting again works
+    fxexpand.compile(once, passes=[InsertEarlyExits()], example_inputs=(x,))  # and exits can be added again
+    aug = fxexpand.compile(DigitsNet(), passes=[AugmentWidth()], example_inputs=(x,)).eval()
+    small = fxexpand.contract(aug, (x,))
+    assert get_record(small, WidthRecord) is None
+
+
+def test_collapse_cost_counts_the_composed_kernel_size():
+    from fxexpand.core.collapse import chain_costs
+
+    body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.Conv2d(8, 8, 3, bias=False))
+    explicit, collapsed = chain_costs(body, (1, 8, 64, 64))
+    # composition 8·8·8·9·9 plus one 5x5 conv (25 taps) on the 62x62 output
+    assert collapsed == 8 * 8 * 8 * 9 * 9 + 62 * 62 * 8 * 8 * 25
+    assert collapsed > explicit  # a 3x3∘3x3 chain without expansion is cheaper to run as it is

@@ -117,6 +117,7 @@ from .provenance import (
     WidthRecord,
     ExitRecord,
     build_layer,
+    drop_record,
     find_regions,
     get_record,
     keep_attr,
@@ -172,7 +173,7 @@ __all__ = [
     "norm_padding", "shared_use", "site_name",
     # provenance
     "RESTORABLE_TYPES", "ChainRecord", "ExpandedRegion", "GrowthRecord", "ModelFactory", "ModuleRenames", "ParameterOrigins",
-    "Recipe", "WidthGroup", "WidthRecord", "ExitRecord", "build_layer", "find_regions", "get_record", "keep_attr", "layer_config", "persistent_records", "region_of", "set_record",
+    "Recipe", "WidthGroup", "WidthRecord", "ExitRecord", "build_layer", "drop_record", "find_regions", "get_record", "keep_attr", "layer_config", "persistent_records", "region_of", "set_record",
     "set_traced_regions", "traced_regions",
     # select
     "ACTIVATION_MODULES", "BLOCK_TYPES", "activation_near", "conv_problem", "evenly_spaced", "select_targets",

@@ -163,13 +163,19 @@ def chain_costs(body: nn.Sequential, shape: tuple[int, ...]) -> tuple[float, flo
                    for k in range(len(spatial))]
         explicit += batch * math.prod(spatial) * m.out_channels * (m.in_channels // m.groups) * math.prod(m.kernel_size)
     g = layers[0].groups
-    comp, taps, ig = 0.0, math.prod(layers[0].kernel_size), layers[0].in_channels // g
+    first = layers[0]
+    ks, ss, ds = list(first.kernel_size), list(first.stride), list(first.dilation)
+    comp, ig = 0.0, first.in_channels // g
     for m in layers[1:]:
         t2 = math.prod(m.kernel_size)
-        comp += m.out_channels * (m.in_channels // g) * ig * taps * t2
-        taps = taps + t2 - 1 if taps > 1 and t2 > 1 else taps * t2  # upper bound of the composed taps
+        comp += m.out_channels * (m.in_channels // g) * ig * math.prod(ks) * t2
+        for k in range(len(ks)):  # the composed kernel's size per dim (see the module docstring)
+            d2 = m.dilation[k]
+            D = math.gcd(ds[k], ss[k] * d2)
+            ks[k] = (ds[k] * (ks[k] - 1) + ss[k] * d2 * (m.kernel_size[k] - 1)) // D + 1
+            ss[k], ds[k] = ss[k] * m.stride[k], D
     out = layers[-1].out_channels
-    return explicit, comp + batch * math.prod(spatial) * out * ig * taps
+    return explicit, comp + batch * math.prod(spatial) * out * ig * math.prod(ks)
 
 
 def collapse_pays(body: nn.Sequential, shape: tuple[int, ...]) -> bool:

@@ -137,8 +137,8 @@ class DynamicConv(DynamicLayer):
         self.dims = len(original.kernel_size)
         self.stride, self.padding, self.dilation = original.stride, original.padding, original.dilation
         self.padding_mode = original.padding_mode
-        self._reversed_padding = (None if isinstance(original.padding, str)
-                                  else _reverse_repeat_tuple(original.padding, 2))
+        self._reversed_padding = tuple(getattr(original, "_reversed_padding_repeated_twice", None)
+                                       or _reverse_repeat_tuple(original.padding, 2))
         k = tuple(original.kernel_size)
         shape = (max_in, 1, *k) if depthwise else (max_out, max_in, *k)
         self.weight = _param_like(original.weight, shape)

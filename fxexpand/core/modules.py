@@ -81,7 +81,7 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.scale = scale
-        return x.view_as(x)
+        return x.clone()  # not a view: the trunk after an exit may modify its input in place
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -52,6 +52,7 @@ __all__ = [
     "ExitRecord",
     "set_record",
     "get_record",
+    "drop_record",
     "persistent_records",
     "keep_attr",
 ]
@@ -364,6 +365,17 @@ def get_record(module: nn.Module, kind: type[R]) -> R | None:
         if isinstance(rec, kind):
             return rec
     return None
+
+
+def drop_record(module: nn.Module, kind: type) -> None:
+    """Remove ``module``'s record of type ``kind`` (a pass that undoes what the record describes)."""
+    for key in (_PERSISTENT_KEY, _TRANSIENT_KEY):
+        table = dict(getattr(module, key, None) or {})
+        if table.pop(kind.__name__, None) is not None:
+            if key == _PERSISTENT_KEY:
+                keep_attr(module, key, table)
+            else:
+                setattr(module, key, table)
 
 
 def persistent_records(module: nn.Module) -> list[Any]:

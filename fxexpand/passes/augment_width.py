@@ -202,16 +202,17 @@ def _fill(dyn: DynamicLayer, mod, gen: torch.Generator) -> None:
         fan_in = math.prod(w.shape[1:])
         bound = 1.0 / math.sqrt(max(1, fan_in))
         fresh = (torch.rand(w.shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+        src = mod.weight.detach().double().cpu()  # composed on the CPU, copied to the layer's device
         if dyn.depthwise:
-            fresh[cols] = mod.weight.detach().double()
+            fresh[cols] = src
         else:
-            rows = mod.weight.shape[0]
-            fresh[:rows, cols] = mod.weight.detach().double()
+            rows = src.shape[0]
+            fresh[:rows, cols] = src
         w.copy_(fresh.to(w.dtype))
         if dyn.bias is not None:
             fb = (torch.rand(dyn.bias.shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound
             pos = cols if dyn.depthwise else torch.arange(mod.bias.shape[0])
-            fb[pos] = mod.bias.detach().double()
+            fb[pos] = mod.bias.detach().double().cpu()
             dyn.bias.copy_(fb.to(dyn.bias.dtype))
         return
     for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):

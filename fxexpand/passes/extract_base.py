@@ -20,7 +20,17 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from ..core import ContractionError, DynamicLayer, Pass, PassResult, get_module, register_pass, set_module
+from ..core import (
+    ContractionError,
+    DynamicLayer,
+    Pass,
+    PassResult,
+    WidthRecord,
+    drop_record,
+    get_module,
+    register_pass,
+    set_module,
+)
 
 __all__ = ["ExtractBase"]
 
@@ -57,4 +67,5 @@ class ExtractBase(Pass):
             set_module(gm, name, layer.extract())
             notes.append(self.note("extracted", name, f"{layer.original_cls.__name__} at widths {layer.base_widths}"))
         gm.recompile()
+        drop_record(gm, WidthRecord)  # the result is the tiny model: no augmentable widths any more
         return PassResult(gm, True, notes)

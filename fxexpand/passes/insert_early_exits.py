@@ -33,6 +33,7 @@ Preconditions (``requires``): shapes are known (``example_inputs``), the output 
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,7 @@ from ..core import (
 
 __all__ = ["InsertEarlyExits"]
 
+_IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
@@ -251,18 +253,15 @@ class InsertEarlyExits(Pass):
         if len(temps) != n_exits - 1:
             raise PreconditionError(f"{len(temps)} temperatures for {n_exits} exits (one per exit n >= 2)")
         ref = next((p for p in gm.parameters() if p.is_floating_point()), None)
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(int(self.seed))
-        try:
+        with torch.random.fork_rng():  # the heads' init is seeded; the caller's CPU and CUDA streams are kept
+            torch.manual_seed(int(self.seed))
             heads = []
-            for i, node in enumerate(points):
+            for node in points:
                 shape = _shape(node)
                 head = self._make_head(shape[1], num_classes, len(shape) - 2)
                 if ref is not None:
                     head = head.to(device=ref.device, dtype=ref.dtype)
                 heads.append(head)
-        finally:
-            torch.random.set_rng_state(gen_state)
         gm.add_submodule("exit_heads", nn.ModuleList(heads))
         if self.rescale_gradients:
             gm.add_submodule("exit_scales", nn.Module())
@@ -285,7 +284,10 @@ class InsertEarlyExits(Pass):
                         head_scale = f"exit_scales.head_{n}"
                         set_module(gm, head_scale, GradientScale(1.0 / (n_exits - n + 1)))
                         src = graph.call_module(head_scale, (node,))
-            with graph.inserting_before(out_node):
+            if not self.rescale_gradients and any(_in_place(gm, u) for u in users):
+                with graph.inserting_after(node):  # the trunk overwrites the cut tensor: the head reads a copy
+                    src = graph.call_method("clone", (node,))
+            with graph.inserting_after(src):  # right after the cut: before any later (in-place) trunk op
                 f = graph.call_module(f"exit_heads.{i}", (src,))
             logits.append(f)
             names.append(f"exit_heads.{i}")
@@ -309,6 +311,15 @@ class InsertEarlyExits(Pass):
                  for i, p in enumerate(points)]
         notes.append(self.note("exit", output.name, f"exit {n_exits}/{n_exits}: the backbone's own output"))
         return PassResult(gm, True, notes)
+
+
+def _in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` may overwrite its input (``ReLU(inplace=True)``, ``x.add_()``, ``inplace=True``)."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    return bool(node.kwargs.get("inplace", False)) or node.target in _IN_PLACE_FUNCTIONS
 
 
 def _has(gm: nn.Module, path: str) -> bool:

@@ -6,7 +6,8 @@ Pattern: a model built by :class:`~fxexpand.passes.InsertEarlyExits` (its
 
 Rewrite: the graph returns the raw last head ``f_N`` (the backbone's own output), not ``F_N``;
 every :class:`~fxexpand.core.GradientScale` call (the identity in the forward pass) is replaced by
-its input; the heads and boosting ops become dead code and are removed. The backbone's modules
+its input; the heads and boosting ops become dead code and are removed, and the exit record
+is dropped. The backbone's modules
 and parameter names are untouched, so the result loads strictly into the original backbone.
 
 Preconditions: the model carries an exit record and its output has the recorded number of exits.
@@ -19,7 +20,17 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..core import ExitRecord, GradientScale, Pass, PassResult, PreconditionError, get_module, get_record, register_pass
+from ..core import (
+    ExitRecord,
+    GradientScale,
+    Pass,
+    PassResult,
+    PreconditionError,
+    drop_record,
+    get_module,
+    get_record,
+    register_pass,
+)
 
 __all__ = ["RemoveExits"]
 
@@ -52,5 +63,6 @@ class RemoveExits(Pass):
                 removed += 1
         gm.graph.eliminate_dead_code()
         gm.recompile()
+        drop_record(gm, ExitRecord)  # the result is the backbone: nothing describes exits any more
         return PassResult(gm, True, [self.note("removed", "exits", f"{rec.num_exits - 1} early exits and "
                                                                    f"{removed} gradient scales; output = f_{rec.num_exits}")])
