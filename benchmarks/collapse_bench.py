@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import json
 import statistics
 import subprocess
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine_info  # noqa: E402
+from _common import ROOT, machine_info, peak_rss_growth  # noqa: E402
 
 import fxexpand  # noqa: E402
 from fxexpand.core import find_regions  # noqa: E402
@@ -129,26 +128,18 @@ def _compose_ms(model, rounds: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def _child(name: str, mode: str, side: int, batch: int, variant: str, steps: int) -> int:
+    """Peak RSS growth (bytes) of ``steps`` steps of one variant in a fresh process (``peak_rss_growth``)."""
     torch.set_num_threads(1)
     models, opts, x, y = _build(name, mode, side, batch)
-    keep = {variant: models[variant]}
+    model, opt = models[variant], opts[variant]
     del models
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_kb("VmRSS")
-    for _ in range(steps):
-        _step(keep[variant], opts[variant], x, y)
-    return (_status_kb("VmHWM") - before) * 1024
+
+    def run() -> None:
+        for _ in range(steps):
+            _step(model, opt, x, y)
+
+    return int(peak_rss_growth(run)[1] * 2**20)
 
 
 def _rss(case, variant: str, steps: int) -> int:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import json
 import statistics
 import subprocess
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine_info  # noqa: E402
+from _common import ROOT, machine_info, peak_rss_growth  # noqa: E402
 
 import fxexpand  # noqa: E402
 from fxexpand.demo import DigitsNet  # noqa: E402
@@ -119,30 +118,20 @@ def _saved_bytes(variant: str, model, aug, sampler, x, y) -> int:
     return live["peak"]
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _child(name: str, variant: str, steps: int, quick: bool) -> int:
-    """Peak RSS growth (bytes) of ``steps`` steps of one variant, in a fresh process (Linux): freed
-    heap memory is returned to the system (``malloc_trim``), the peak is reset
-    (``/proc/self/clear_refs``), and the growth is VmHWM after the steps minus VmRSS before them."""
+    """Peak RSS growth (bytes) of ``steps`` steps of one variant, in a fresh process (Linux;
+    ``_common.peak_rss_growth``: VmHWM after the steps minus the RSS before them)."""
     torch.set_num_threads(1)
     model, aug, x, y = _build(name, quick)
     sampler = fxexpand.WidthSampler(aug, seed=0, total_steps=1000)
     opt_m = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     opt_a = torch.optim.SGD(aug.parameters(), lr=0.01, momentum=0.9)
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_kb("VmRSS")
-    for s in range(steps):
-        _step(variant, model, aug, sampler, s, x, y, opt_m, opt_a)
-    return (_status_kb("VmHWM") - before) * 1024
+
+    def run() -> None:
+        for s in range(steps):
+            _step(variant, model, aug, sampler, s, x, y, opt_m, opt_a)
+
+    return int(peak_rss_growth(run)[1] * 2**20)
 
 
 def _rss(name: str, variant: str, steps: int, quick: bool) -> int:

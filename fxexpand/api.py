@@ -270,9 +270,7 @@ def contract(
 def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, concrete_args, extra_passes,
                    verify_each, rtol, atol) -> tuple[fx.GraphModule, list[Note]]:
     work.eval()
-    gm = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args, inline_regions=True)
-    for record in persistent_records(work):  # what the model's passes recorded (exits, widths)
-        set_record(gm, record)
+    gm = _traced_with_records(work, leaf_modules=leaf_modules, concrete_args=concrete_args, inline_regions=True)
     propagate_shapes(gm, inputs)
     notes: list[Note] = []
     for manager in pipelines.contraction(target, extra_passes=tuple(extra_passes), verify_each=verify_each,
@@ -290,11 +288,16 @@ def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, conc
 def _backbone_reference(model: nn.Module) -> nn.Module:
     """A multi-exit model returns (F_1, ..., F_N); its contraction returns the backbone's f_N. The
     reference is the same model with only the exits removed (in eval mode)."""
-    work = copy.deepcopy(model).eval()
-    gm = trace(work)
+    gm = _traced_with_records(copy.deepcopy(model).eval())
+    return pipelines.exit_removal()(gm).graph_module.eval()
+
+
+def _traced_with_records(work: nn.Module, **trace_kwargs: Any) -> fx.GraphModule:
+    """``trace(work)`` carrying the typed records the model's passes attached (exits, widths)."""
+    gm = trace(work, **trace_kwargs)
     for record in persistent_records(work):
         set_record(gm, record)
-    return pipelines.exit_removal()(gm).graph_module.eval()
+    return gm
 
 
 def _unknown_layer_notes(gm: fx.GraphModule) -> list[Note]:

@@ -166,8 +166,6 @@ def segments(model: nn.Module, example_inputs: Any) -> list[Segment]:
                     producer[name] = (idx, i)
                 out_segments.append(Segment(mod, [a.name for a in node.args], outs, "",
                                             tuple(t.detach().clone() for t in args)))
-            elif node.op == "call_function" and node.target is operator.getitem:
-                pass  # read above
     if len(out_segments) != rec.num_exits:
         raise InputError(f"splitting at the exits gave {len(out_segments)} segments for {rec.num_exits} exits")
     for k, name in enumerate(final_names):

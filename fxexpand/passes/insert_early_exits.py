@@ -48,6 +48,7 @@ from ..core import (
     PassResult,
     PreconditionError,
     get_record,
+    has_module,
     register_pass,
     set_module,
     set_record,
@@ -182,7 +183,7 @@ class InsertEarlyExits(Pass):
                 last[path], cls[path] = n, c
         ends: dict[fx.Node, list[str]] = {}
         for path, n in last.items():
-            if not (path and _has(gm, path) and any(True for _ in gm.get_submodule(path).children())):
+            if not (path and has_module(gm, path) and any(True for _ in gm.get_submodule(path).children())):
                 continue
             around = [q for q in last if path.startswith(q + ".")]
             if all(last[q] is n or issubclass(cls[q], (nn.Sequential, nn.ModuleList)) for q in around):
@@ -320,11 +321,3 @@ def _in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_method":
         return str(node.target).endswith("_")
     return bool(node.kwargs.get("inplace", False)) or node.target in _IN_PLACE_FUNCTIONS
-
-
-def _has(gm: nn.Module, path: str) -> bool:
-    try:
-        gm.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
