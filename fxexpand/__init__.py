@@ -41,13 +41,13 @@ from .growth import GrowthPlan, Stage, find_chains, rebuild_optimizer
 from .io import build_model, load, register_factory, save
 from .netaug import WidthSampler, netaug_loss, set_width, sort_channels, use_width, width_record
 from .report import expansion_report, report_table
-from .schedule import LinearDecay, get_decay, set_decay
+from .schedule import LinearDecay, get_decay, linearize, set_decay
 
 __version__ = "0.1.0"
 
 __all__ = [
     "passes", "pipelines", "recipes", "exits", "GrowthPlan", "Stage", "EMA", "find_chains", "rebuild_optimizer",
-    "WidthSampler", "set_width", "use_width", "netaug_loss", "sort_channels", "width_record", "expansion_report", "report_table", "LinearDecay", "set_decay", "get_decay",
+    "WidthSampler", "set_width", "use_width", "netaug_loss", "sort_channels", "width_record", "expansion_report", "report_table", "LinearDecay", "set_decay", "get_decay", "linearize",
     "trace", "compile", "contract", "set_train_mode", "verify", "export_onnx", "benchmark_onnx", "compare_onnx",
     "save", "load", "build_model", "register_factory", "count_flops", "count_parameters",
     "Pass", "PassResult", "PassManager", "Note", "register_pass", "registered_passes", "get_pass", "build_pass",

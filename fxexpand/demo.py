@@ -1,189 +1,499 @@
-"""``fxexpand demo``: expansion-then-contraction end to end on scikit-learn's digits (8x8 images).
+"""``fxexpand demo``: do the methods make a tiny model better? A paired comparison on MNIST-1D.
 
-Trains a tiny CNN three ways with the same epochs, optimizer and seeds — vanilla; NetBooster
-(inverted residual blocks + PLT decay over the last 20% of the epochs); ExpandNets (CL + FC) —
-then contracts each expanded model back to the tiny CNN, verifies it, exports ONNX, times it in
-onnxruntime and prints one table. Nothing is downloaded: the data ships with scikit-learn.
+The tiny model (:class:`fxexpand.models.TinyConv1d`, a MobileNet-style Conv1d net that under-fits
+MNIST-1D) is trained with each method's paper protocol (:mod:`fxexpand.protocols`), contracted
+back to the tiny architecture (strict ``load_state_dict``), verified and evaluated; vanilla
+training is the baseline at the method's epochs and at matched training compute (a ladder of
+vanilla budgets, compared by interpolation in log-compute). Every method uses the same seeds
+(paired), the same optimizer (SGD with Nesterov momentum, one-cycle learning rate, restarted per
+phase) and its own learning rate, tuned on the validation split over one small grid
+(:data:`LR_GRID`; the documented run's choices are :data:`TUNED_LR`). The test split is used once,
+for the final table. Nothing is downloaded: MNIST-1D is generated offline by the ``mnist1d``
+package.
+
+:func:`run_demo` returns a :class:`DemoReport`; :func:`write_outputs` writes its JSON and PNG.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import multiprocessing
+import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import nn
 
-from . import api, recipes
-from .bench import benchmark_onnx
+from . import api, data as datasets, protocols
+from .bench import compare_onnx
+from .core import InputError
 from .cost import count_flops, count_parameters
 from .export import export_onnx
-from .train import Trainer
+from .models import DigitsNet, TinyConv1d
 
-__all__ = ["DigitsNet", "load_digits", "run_demo", "DemoResult"]
+__all__ = ["DigitsNet", "load_digits", "run_demo", "DemoConfig", "DemoReport", "METHODS", "DEFAULT_METHODS",
+           "FULL_METHODS", "FULL_SEEDS", "full_config",
+           "LR_GRID", "TUNED_LR", "results_table", "write_outputs", "paired_difference", "reading", "plot", "train_run"]
 
-
-class DigitsNet(nn.Module):
-    """A tiny CNN for 8x8 digits (~3.4k parameters): stem 3x3, two pointwise+depthwise blocks, head."""
-
-    def __init__(self, num_classes: int = 10, width: int = 12):
-        super().__init__()
-        w = width
-        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
-        self.block1 = _Block(w, 2 * w, stride=1)
-        self.block2 = _Block(2 * w, 4 * w, stride=2)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4 * w, num_classes)
-
-    def forward(self, x):
-        x = self.block2(self.block1(self.stem(x)))
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.pw = nn.Conv2d(cin, cout, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.dw = nn.Conv2d(cout, cout, 3, stride=stride, padding=1, groups=cout, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.act = nn.ReLU()
-
-    def forward(self, x):
-        return self.act(self.bn2(self.dw(self.act(self.bn1(self.pw(x))))))
+#: the methods the demo can run (names of :data:`fxexpand.protocols.PROTOCOLS`)
+METHODS = tuple(protocols.PROTOCOLS)
+#: the default comparison (``fxexpand demo``, ≤ 6 min on 2 cores): a short vanilla ladder and one
+#: protocol per method
+DEFAULT_METHODS = ("vanilla", "vanilla-x2", "vanilla-x4", "netbooster", "expandnets-cl", "expandnets-ck",
+                   "expandnets-ck-init", "netaug")
+#: the documented run (``fxexpand demo --full``): every method, the E_d = 0 ablation, and a vanilla
+#: ladder long enough to match NetBooster's training compute
+FULL_METHODS = ("vanilla", "vanilla-x2", "vanilla-x4", "vanilla-x8", "vanilla-x16", "netbooster", "netbooster-ed0",
+                "expandnets-cl", "expandnets-ck", "expandnets-ck-init", "netaug")
+FULL_SEEDS = 10
+#: the learning-rate grid every method is tuned over (validation split)
+LR_GRID = (0.02, 0.05, 0.1)
+#: learning rates chosen on the validation split by the documented run (``fxexpand demo --full``)
+TUNED_LR = {m: 0.05 for m in METHODS}
+#: seeds used for tuning (disjoint from the final seeds 0..n-1)
+TUNE_SEEDS = (1000, 1001)
 
 
 def load_digits(test_size: float = 0.25, split_seed: int = 0):
-    """scikit-learn's bundled digits (1,797 8x8 images), a fixed stratified split, scaled to [0, 1]."""
+    """scikit-learn's digits as ``(x_train, y_train, x_test, y_test)`` (the examples' loader; the demo
+    uses :func:`fxexpand.data.digits`, which also carves a validation split)."""
 
     # lazy: scikit-learn takes ~1 s to import and only the digits data needs it
     from sklearn.datasets import load_digits as _load
     from sklearn.model_selection import train_test_split
 
-    data = _load()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
+    d = _load()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
     idx = list(range(len(y)))
-    tr, te = train_test_split(idx, test_size=test_size, random_state=split_seed, stratify=data.target)
+    tr, te = train_test_split(idx, test_size=test_size, random_state=split_seed, stratify=d.target)
     return x[tr], y[tr], x[te], y[te]
 
 
-RECIPES = ("vanilla", "netbooster", "expandnets")
-
-
-def _passes(recipe: str):
-    if recipe == "netbooster":
-        return recipes.netbooster(ratio=6, fraction=0.5)
-    if recipe == "expandnets":
-        return recipes.expandnets("CL", ratio=4)
-    raise ValueError(recipe)
-
-
 @dataclass
-class DemoResult:
-    recipe: str
-    accuracies: list[float] = field(default_factory=list)
-    max_rel_error32: float = 0.0
-    max_rel_error64: float = 0.0
-    parameters: int = 0
-    train_parameters: int = 0
-    flops: int = 0
-    latency_ms: float = 0.0
-    train_seconds: float = 0.0
+class DemoConfig:
+    """What to run. ``epochs`` is the base epochs E (each protocol runs its phases' multiples)."""
+
+    dataset: str = "mnist1d"
+    width: int = 4
+    epochs: int = 30
+    batch_size: int = 64
+    seeds: int = 3
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    tune: bool = False
+    lr: dict[str, float] = field(default_factory=lambda: dict(TUNED_LR))
+    lr_grid: tuple[float, ...] = LR_GRID
+    tune_seeds: tuple[int, ...] = TUNE_SEEDS
+    workers: int = 2
+    latency_runs: int = 300
+
+    def check(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise InputError(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
+        if "vanilla" not in self.methods:
+            raise InputError("the comparison needs the 'vanilla' baseline among the methods")
+        if self.dataset not in datasets.DATASETS:
+            raise InputError(f"unknown dataset {self.dataset!r}; choose from {', '.join(datasets.DATASETS)}")
+        for name in ("epochs", "batch_size", "seeds", "workers", "width", "latency_runs"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(lr <= 0 for lr in self.lr_grid) or any(v <= 0 for v in self.lr.values()):
+            raise InputError("learning rates must be positive")
+
+
+def full_config(**overrides: Any) -> DemoConfig:
+    """The documented run: :data:`FULL_METHODS`, :data:`FULL_SEEDS` paired seeds, learning rates tuned."""
+    return DemoConfig(**{"methods": FULL_METHODS, "seeds": FULL_SEEDS, "tune": True, **overrides})
+
+
+# -- one training run (a worker process) -------------------------------------------------------------
+_DATA: dict[tuple, datasets.Splits] = {}
+
+
+def _splits(name: str) -> datasets.Splits:
+    if name not in _DATA:
+        _DATA[name] = datasets.load(name)
+    return _DATA[name]
+
+
+def _tiny(dataset: str, width: int) -> nn.Module:
+    return TinyConv1d(width=width) if dataset == "mnist1d" else DigitsNet(width=width)
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
+        out = model(x)
+        out = out[-1] if isinstance(out, (tuple, list)) else out
+        return float((out.argmax(1) == y).float().mean())
 
 
-def _train_one(recipe: str, seed: int, data, epochs: int, batch_size: int, lr: float, progress=None, task=None):
-    xtr, ytr, xte, yte = data
-    torch.manual_seed(seed)
-    base = DigitsNet()
-    model = base if recipe == "vanilla" else api.compile(base, passes=_passes(recipe))
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    gen = torch.Generator().manual_seed(seed)
+class _Loader:
+    """Shuffled mini-batches from a fixed generator (one per run: paired across methods)."""
 
-    class Loader:
-        def __len__(self):
-            return (len(ytr) + batch_size - 1) // batch_size
+    def __init__(self, x, y, batch_size, seed):
+        self.x, self.y, self.bs = x, y, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
 
-        def __iter__(self):
-            perm = torch.randperm(len(ytr), generator=gen)
-            for i in range(0, len(ytr), batch_size):
-                j = perm[i:i + batch_size]
-                yield xtr[j], ytr[j]
+    def __len__(self):
+        return (len(self.y) + self.bs - 1) // self.bs
 
-    def on_event(event, trainer, **info):
-        if event == "epoch" and progress is not None:
-            progress.advance(task)
+    def __iter__(self):
+        perm = torch.randperm(len(self.y), generator=self.gen)
+        for i in range(0, len(self.y), self.bs):
+            j = perm[i:i + self.bs]
+            yield self.x[j], self.y[j]
+
+
+def _optimizer(lr: float) -> Callable:
+    def make(params: Iterable[nn.Parameter], total_steps: int):
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total_steps, 2))
+    return make
+
+
+def train_run(task: dict) -> dict:
+    """Train one (method, seed, lr) and evaluate it on ``task["split"]`` ("val" or "test"); run in a
+    worker process. Returns accuracies, the giant's accuracy after NetBooster's phase 1, training
+    compute (FLOPs per phase from ``torch.utils.flop_counter``), wall time and the deployed weights."""
+
+    torch.set_num_threads(1)
+    d = _splits(task["dataset"])
+    x_eval, y_eval = (d.x_val, d.y_val) if task["split"] == "val" else (d.x_test, d.y_test)
+    proto = protocols.PROTOCOLS[task["method"]]()
+    torch.manual_seed(task["seed"])
+    tiny = _tiny(task["dataset"], task["width"])
+    xb, yb = d.x_train[:task["batch_size"]], d.y_train[:task["batch_size"]]
+    model = proto.compile(tiny, (xb,))
+    loader = _Loader(d.x_train, d.y_train, task["batch_size"], task["seed"])
+    phase_flops: list[float] = []
+    phase_acc: list[float] = []
+
+    def on_phase_end(i: int, m: nn.Module) -> None:
+        phase_flops.append(protocols.step_flops(m, xb, yb, netaug=proto.netaug))
+        phase_acc.append(_accuracy(m, x_eval, y_eval))
 
     t0 = time.perf_counter()
-    Trainer(model, opt, epochs=epochs, decay_fraction=0.2, lr_scheduler=sched, callbacks=[on_event]).fit(Loader())
+    protocols.run(model, proto, loader, epochs=task["epochs"], make_optimizer=_optimizer(task["lr"]),
+                  seed=task["seed"], on_phase_end=on_phase_end)
     seconds = time.perf_counter() - t0
-    train_params = sum(p.numel() for p in model.parameters())
-    if recipe == "vanilla":
-        return model, model, None, seconds, train_params
-    small = api.contract(model.eval(), (xte[:64],))
-    deployed = DigitsNet()
-    deployed.load_state_dict(small.state_dict(), strict=True)  # the original architecture
-    return deployed.eval(), model, small.fxexpand_report.verification, seconds, train_params
+    steps = [max(1, round(p.factor * task["epochs"])) * len(loader) for p in proto.phases]
+    flops = sum(f * s for f, s in zip(phase_flops, steps))
+    err32 = err64 = 0.0
+    if proto.recipe is None:
+        deployed = model
+    else:
+        small = api.contract(model.eval(), (x_eval[:64],))
+        deployed = _tiny(task["dataset"], task["width"])
+        deployed.load_state_dict(small.state_dict(), strict=True)  # the original architecture
+        ver = small.fxexpand_report.verification
+        err32, err64 = ver.max_rel_error("float32"), ver.max_rel_error("float64")
+    return {
+        **{k: task[k] for k in ("method", "seed", "lr", "split", "epochs")},
+        "accuracy": _accuracy(deployed, x_eval, y_eval),
+        "train_accuracy": _accuracy(deployed, d.x_train, d.y_train),
+        "phase_accuracy": phase_acc,
+        "train_flops": flops,
+        "train_seconds": seconds,
+        "trained_parameters": sum(p.numel() for p in model.parameters()),
+        "max_rel_error32": err32, "max_rel_error64": err64,
+        "state_dict": {k: v.clone() for k, v in deployed.state_dict().items()} if task.get("keep") else None,
+    }
 
 
-def run_demo(epochs: int = 20, seeds: int = 3, recipes: tuple[str, ...] = RECIPES, batch_size: int = 64,
-             lr: float = 0.05, threads: int = 1, console=None) -> list[DemoResult]:
-    """Run the demo; returns one :class:`DemoResult` per recipe (and prints progress to ``console``)."""
+# -- statistics -------------------------------------------------------------------------------------------
+def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) -> dict[str, float]:
+    """Mean of ``a[i] - b[i]`` with a t confidence interval (scipy.stats); the interval is NaN for one pair."""
+    from scipy import stats  # ~0.3 s; only the summary needs it
 
-    if epochs < 1 or seeds < 1:
-        raise ValueError("epochs and seeds must be >= 1")
-    bad = [r for r in recipes if r not in RECIPES]
-    if bad:
-        raise ValueError(f"unknown recipes {bad}; choose from {', '.join(RECIPES)}")
-    torch.set_num_threads(threads)
-    data = load_digits()
-    xte = data[2]
-    results = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
-        for recipe in recipes:
-            res = DemoResult(recipe)
-            deployed = None
-            for s in range(seeds):
-                task = progress.add_task(f"{recipe:<11} seed {s}", total=epochs)
-                deployed, trained, ver, secs, tparams = _train_one(recipe, s, data, epochs, batch_size, lr,
-                                                                   progress, task)
-                res.accuracies.append(_accuracy(deployed, *data[2:]))
-                res.train_seconds += secs
-                res.train_parameters = tparams
-                if ver is not None:
-                    res.max_rel_error32 = max(res.max_rel_error32, ver.max_rel_error("float32"))
-                    res.max_rel_error64 = max(res.max_rel_error64, ver.max_rel_error("float64"))
-            x1 = xte[:1]
-            res.parameters, res.flops = count_parameters(deployed), count_flops(deployed, (x1,))
-            with tempfile.TemporaryDirectory() as tmp:
-                path = export_onnx(deployed, (x1,), Path(tmp) / f"{recipe}.onnx")
-                res.latency_ms = benchmark_onnx(path, threads=1, warmup=20, runs=200).median_ms
-            results.append(res)
-    return results
+    if len(a) != len(b) or not a:
+        raise ValueError("paired samples must be non-empty and of equal length")
+    diff = [x - y for x, y in zip(a, b)]
+    mean = statistics.fmean(diff)
+    if len(diff) < 2:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "n": len(diff)}
+    sem = statistics.stdev(diff) / math.sqrt(len(diff))
+    if sem == 0:
+        return {"mean": mean, "low": mean, "high": mean, "n": len(diff)}
+    low, high = stats.t.interval(confidence, len(diff) - 1, loc=mean, scale=sem)
+    return {"mean": mean, "low": float(low), "high": float(high), "n": len(diff)}
 
 
-def results_table(results: list[DemoResult], epochs: int, seeds: int):
-    t = Table(title=f"fxexpand demo: digits 8x8, {epochs} epochs, {seeds} seeds (test accuracy mean ± std)")
-    for col in ("recipe", "test accuracy", "trained params", "deployed params", "deployed FLOPs",
-                "ORT latency (ms, 1 thr)", "max contraction rel. error f32 / f64", "train time (s)"):
-        t.add_column(col, justify="left" if col == "recipe" else "right")
-    for r in results:
-        mean = statistics.mean(r.accuracies)
-        std = statistics.stdev(r.accuracies) if len(r.accuracies) > 1 else 0.0
-        err = "—" if r.recipe == "vanilla" else f"{r.max_rel_error32:.1e} / {r.max_rel_error64:.1e}"
-        t.add_row(r.recipe, f"{100 * mean:.2f} ± {100 * std:.2f} %", f"{r.train_parameters:,}", f"{r.parameters:,}",
-                  f"{r.flops:,}", f"{r.latency_ms:.4f}", err, f"{r.train_seconds:.1f}")
+def _interpolate(points: list[tuple[float, float]], c: float) -> tuple[float, str]:
+    """Accuracy at compute ``c`` on a vanilla ladder ``[(compute, acc)]`` (linear in log compute)."""
+    points = sorted(points)
+    if c <= points[0][0]:
+        return points[0][1], "at the smallest budget"
+    if c >= points[-1][0]:
+        return points[-1][1], "beyond the ladder: largest budget used" if c > points[-1][0] * 1.05 else ""
+    for (c0, a0), (c1, a1) in zip(points, points[1:]):
+        if c0 <= c <= c1:
+            t = (math.log(c) - math.log(c0)) / (math.log(c1) - math.log(c0))
+            return a0 + t * (a1 - a0), ""
+    return points[-1][1], ""
+
+
+# -- the whole comparison ---------------------------------------------------------------------------------
+@dataclass
+class DemoReport:
+    config: dict
+    runs: list[dict]
+    tuning: dict[str, dict]
+    summary: list[dict]
+    latency: dict[str, dict]
+    dataset: dict
+    seconds: float
+
+
+def _pool(workers: int):
+    if workers == 1:
+        return None
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _map(pool, tasks: list[dict], progress: Callable[[dict], None] | None) -> list[dict]:
+    out = []
+    if pool is None:
+        for t in tasks:
+            r = train_run(t)
+            out.append(r)
+            if progress:
+                progress(r)
+        return out
+    for r in pool.map(train_run, tasks):
+        out.append(r)
+        if progress:
+            progress(r)
+    return out
+
+
+def run_demo(config: DemoConfig | None = None, *, progress: Callable[[str], None] | None = None) -> DemoReport:
+    """Run the comparison (tuning first when ``config.tune``); see the module docstring."""
+
+    cfg = config or DemoConfig()
+    cfg.check()
+    t_start = time.perf_counter()
+    say = progress or (lambda msg: None)
+    d = datasets.load(cfg.dataset)
+    _DATA[cfg.dataset] = d
+    base = {"dataset": cfg.dataset, "width": cfg.width, "epochs": cfg.epochs, "batch_size": cfg.batch_size}
+    lr = {m: cfg.lr.get(m, TUNED_LR.get(m, 0.05)) for m in cfg.methods}
+    tuning: dict[str, dict] = {}
+    pool = _pool(cfg.workers)
+    try:
+        if cfg.tune:
+            tasks = [dict(base, method=m, seed=s, lr=g, split="val") for m in cfg.methods for g in cfg.lr_grid
+                     for s in cfg.tune_seeds]
+            done = [0]
+
+            def tick(r):
+                done[0] += 1
+                say(f"tuning {done[0]}/{len(tasks)}: {r['method']} lr={r['lr']:g} seed {r['seed']} "
+                    f"val {100 * r['accuracy']:.1f}%")
+            results = _map(pool, tasks, tick)
+            for m in cfg.methods:
+                scores = {g: statistics.fmean(r["accuracy"] for r in results if r["method"] == m and r["lr"] == g)
+                          for g in cfg.lr_grid}
+                best = max(scores, key=lambda g: (scores[g], -abs(math.log(g / 0.05))))
+                tuning[m] = {"val_accuracy": {str(g): v for g, v in scores.items()}, "chosen": best}
+                lr[m] = best
+        tasks = [dict(base, method=m, seed=s, lr=lr[m], split="test", keep=(s == 0)) for s in range(cfg.seeds)
+                 for m in cfg.methods]
+        done = [0]
+
+        def tick(r):
+            done[0] += 1
+            say(f"run {done[0]}/{len(tasks)}: {r['method']} seed {r['seed']} test {100 * r['accuracy']:.1f}% "
+                f"({r['train_seconds']:.0f} s)")
+        runs = _map(pool, tasks, tick)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    say("timing the deployed models (onnxruntime, alternately)")
+    latency = _latency(cfg, runs, d)
+    for r in runs:
+        r.pop("state_dict", None)
+    summary = _summarise(cfg, runs, latency)
+    return DemoReport(asdict(cfg), runs, tuning, summary, latency,
+                      {"name": d.name, **d.sizes(), "input_shape": list(d.input_shape)},
+                      time.perf_counter() - t_start)
+
+
+def _latency(cfg: DemoConfig, runs: list[dict], d: datasets.Splits) -> dict[str, dict]:
+    x1 = d.x_test[:1]
+    models = {}
+    for r in runs:
+        if r.get("state_dict") is not None:
+            m = _tiny(cfg.dataset, cfg.width)
+            m.load_state_dict(r["state_dict"], strict=True)
+            models[r["method"]] = m.eval()
+    out: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [export_onnx(m, (x1,), Path(tmp) / f"{i}.onnx") for i, m in enumerate(models.values())]
+        stats = compare_onnx(paths, threads=1, warmup=20, runs=cfg.latency_runs)
+    ref = stats[list(models).index("vanilla")].median_ms if "vanilla" in models else stats[0].median_ms
+    for name, m, st in zip(models, models.values(), stats):
+        out[name] = {"median_ms": st.median_ms, "ratio_to_vanilla": st.median_ms / ref,
+                     "parameters": count_parameters(m), "flops": count_flops(m, (x1,))}
+    return out
+
+
+def _summarise(cfg: DemoConfig, runs: list[dict], latency: dict[str, dict]) -> list[dict]:
+    by: dict[str, list[dict]] = {m: sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"])
+                                 for m in cfg.methods}
+    van = by["vanilla"]
+    van_flops = statistics.fmean(r["train_flops"] for r in van)
+    van_secs = statistics.fmean(r["train_seconds"] for r in van)
+    ladder = {m: protocols.PROTOCOLS[m]().epochs_factor for m in cfg.methods if m.startswith("vanilla")}
+    out = []
+    for m in cfg.methods:
+        rs = by[m]
+        proto = protocols.PROTOCOLS[m]()
+        acc = [r["accuracy"] for r in rs]
+        row: dict[str, Any] = {
+            "method": m, "protocol": proto.name, "paper": proto.paper, "lr": rs[0]["lr"],
+            "epochs": round(proto.epochs_factor * cfg.epochs), "n": len(rs),
+            "accuracy_mean": statistics.fmean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "train_accuracy_mean": statistics.fmean(r["train_accuracy"] for r in rs),
+            "compute_ratio": statistics.fmean(r["train_flops"] for r in rs) / van_flops,
+            "time_ratio": statistics.fmean(r["train_seconds"] for r in rs) / van_secs,
+            "trained_parameters": rs[0]["trained_parameters"],
+            "max_rel_error32": max(r["max_rel_error32"] for r in rs),
+            "max_rel_error64": max(r["max_rel_error64"] for r in rs),
+            "latency_ratio": latency.get(m, {}).get("ratio_to_vanilla"),
+        }
+        if len(proto.phases) > 1:
+            row["phase1_accuracy_mean"] = statistics.fmean(r["phase_accuracy"][0] for r in rs)
+        same_epochs = [v for v, f in ladder.items() if abs(f - proto.epochs_factor) < 1e-9]
+        if same_epochs and not m.startswith("vanilla"):
+            base = [r["accuracy"] for r in by[same_epochs[0]]]
+            row["vs_vanilla_epochs"] = {"baseline": same_epochs[0], **paired_difference(acc, base)}
+        if not m.startswith("vanilla") and len(ladder) > 1:
+            matched, notes = [], set()
+            for r in rs:
+                pts = [(next(v["train_flops"] for v in by[b] if v["seed"] == r["seed"]),
+                        next(v["accuracy"] for v in by[b] if v["seed"] == r["seed"])) for b in ladder]
+                a, note = _interpolate(pts, r["train_flops"])
+                matched.append(a)
+                if note:
+                    notes.add(note)
+            row["vs_vanilla_compute"] = {"baseline": "vanilla ladder, interpolated", "note": "; ".join(sorted(notes)),
+                                         **paired_difference(acc, matched)}
+        out.append(row)
+    return out
+
+
+# -- output ------------------------------------------------------------------------------------------------
+def _pct(v: float) -> str:
+    return f"{100 * v:.2f}"
+
+
+def _diff(d: dict | None) -> str:
+    if not d:
+        return "—"
+    ci = "" if math.isnan(d["low"]) else f" [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
+    return f"{100 * d['mean']:+.2f}{ci}"
+
+
+def results_table(report: DemoReport) -> Table:
+    """The comparison as a rich table."""
+    c = report.config
+    t = Table(title=f"fxexpand demo: {report.dataset['name']}, tiny model width {c['width']}, E = {c['epochs']} "
+                    f"base epochs, {c['seeds']} paired seeds (test accuracy %, mean ± std; Δ = paired difference "
+                    f"to vanilla with 95% CI; FLOPs / time: training cost × vanilla at E epochs)")
+    cols = ("method", "epochs", "lr", "test acc", "train acc", "Δ same epochs", "Δ same compute",
+            "FLOPs ×", "time ×", "latency ×", "err f32/f64")
+    for col in cols:
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for r in report.summary:
+        err = "—" if r["method"].startswith("vanilla") else f"{r['max_rel_error32']:.0e}/{r['max_rel_error64']:.0e}"
+        lat = "—" if r["latency_ratio"] is None else f"{r['latency_ratio']:.2f}"
+        t.add_row(r["method"], str(r["epochs"]), f"{r['lr']:g}",
+                  f"{_pct(r['accuracy_mean'])} ± {_pct(r['accuracy_std'])}", _pct(r["train_accuracy_mean"]),
+                  _diff(r.get("vs_vanilla_epochs")), _diff(r.get("vs_vanilla_compute")),
+                  f"{r['compute_ratio']:.2f}", f"{r['time_ratio']:.2f}", lat, err)
     return t
+
+
+def _verdict(d: dict | None) -> str:
+    if not d or math.isnan(d.get("low", math.nan)):
+        return "no CI (one seed)" if d else "n/a"
+    if d["low"] > 0:
+        return "better (95% CI above 0)"
+    if d["high"] < 0:
+        return "worse (95% CI below 0)"
+    return "no significant difference (95% CI contains 0)"
+
+
+def reading(report: DemoReport) -> list[str]:
+    """One plain sentence per method: better, worse or indistinguishable from each vanilla baseline."""
+    lines = []
+    for r in report.summary:
+        if r["method"].startswith("vanilla"):
+            continue
+        e, c = r.get("vs_vanilla_epochs"), r.get("vs_vanilla_compute")
+        msg = f"{r['method']}: vs vanilla at the same epochs {_verdict(e)}; vs vanilla at the same training compute " \
+              f"{_verdict(c)}"
+        if c and c.get("note"):
+            msg += f" ({c['note']})"
+        if "phase1_accuracy_mean" in r:
+            msg += f"; after phase 1 (giant / nonlinear counterpart) {_pct(r['phase1_accuracy_mean'])} %"
+        lines.append(msg + ".")
+    return lines
+
+
+def plot(report: DemoReport, path: str | os.PathLike) -> Path:
+    """Accuracy per method (each seed a dot) and accuracy against training compute."""
+    from matplotlib.figure import Figure  # ~0.3 s; only the plot needs it
+
+    fig = Figure(figsize=(13, 4.8), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2, width_ratios=(1.4, 1))
+    names = [r["method"] for r in report.summary]
+    for i, name in enumerate(names):
+        accs = [100 * r["accuracy"] for r in report.runs if r["method"] == name]
+        jitter = [i + 0.08 * ((k % 5) - 2) for k in range(len(accs))]
+        ax1.scatter(jitter, accs, s=14, alpha=0.6, color="C0" if name.startswith("vanilla") else "C1")
+        ax1.errorbar(i + 0.3, statistics.fmean(accs), yerr=statistics.stdev(accs) if len(accs) > 1 else 0,
+                     fmt="o", color="k", capsize=3)
+    ax1.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax1.set_ylabel("test accuracy (%)")
+    ax1.set_title("per method (dots: seeds; black: mean ± std)")
+    ax1.grid(axis="y", alpha=0.3)
+    ladder = sorted((r["compute_ratio"], 100 * r["accuracy_mean"]) for r in report.summary
+                    if r["method"].startswith("vanilla"))
+    ax2.plot(*zip(*ladder), "o-", color="C0", label="vanilla (budget ladder)")
+    methods = [r for r in report.summary if not r["method"].startswith("vanilla")]
+    for k, r in enumerate(methods):
+        ax2.errorbar(r["compute_ratio"], 100 * r["accuracy_mean"], yerr=100 * r["accuracy_std"], fmt="s",
+                     capsize=3, label=r["method"], color=f"C{k + 1}")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("training compute (FLOPs, × vanilla at E epochs)")
+    ax2.set_ylabel("test accuracy (%)")
+    ax2.set_title("accuracy against training cost")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7)
+    out = Path(path)
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, out)
+    return out
+
+
+def write_outputs(report: DemoReport, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``demo.json`` (every number) and ``demo.png`` into ``out_dir`` (atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    js = out / "demo.json"
+    tmp = js.with_name(js.name + ".tmp")
+    tmp.write_text(json.dumps(asdict(report), indent=1, default=float))
+    os.replace(tmp, js)
+    return js, plot(report, out / "demo.png")

@@ -18,12 +18,14 @@ from torch import nn
 
 from .core import Pass, PassManager, build_pass
 from .passes import (
+    AugmentWidth,
     DecayActivations,
     ExtractBase,
     RemoveExits,
     FoldBatchNorm,
     FuseLinear,
     GrowWidth,
+    InsertEarlyExits,
     InsertEMABlocks,
     InsertInvertedResidual,
     LinearExpand,
@@ -32,7 +34,7 @@ from .passes import (
 )
 
 __all__ = [
-    "contraction", "exit_removal", "netbooster", "expandnets", "get_recipe", "RECIPES", "depth_growth", "width_growth",
+    "contraction", "exit_removal", "netbooster", "expandnets", "netaug", "early_exits", "get_recipe", "RECIPES", "depth_growth", "width_growth",
     "RESTORE_PASS",
 ]
 
@@ -84,14 +86,35 @@ def netbooster(ratio: int = 6, fraction: float = 0.5, kernel_size: Any = "auto",
             DecayActivations(kind="auto")]
 
 
-def expandnets(mode: str = "CL", ratio: int = 4, fc: bool = True, init: str = "random", fc_layers: int = 3) -> list:
-    """ExpandNets: linear expansion of every eligible conv (CL or CK) and, with ``fc``, every Linear."""
+def expandnets(mode: str = "CL", ratio: int = 4, fc: bool = True, init: str = "random", fc_layers: int = 3,
+               layers: str = "paper") -> list:
+    """ExpandNets (r = 4 as in the paper): CL or CK expansion of the convs and, with ``fc``, FC
+    expansion of the Linear layers (CL+FC / CK+FC).
+
+    ``layers="paper"`` (default) chooses the layers as the paper does (Sec. 4.1, 4.2): every k×k
+    conv (k > 1; never 1x1 convs) of a plain CNN, only the non-residual ones of a residual model
+    (MobileNetV2), and the hidden FC layers (not the logit layer); ``layers="all"`` expands every
+    eligible layer. ``init="nonlinear"`` is **+Init** (Sec. 3.2): the regions start as the
+    nonlinear counterpart; train, :func:`fxexpand.linearize`, train again
+    (:func:`fxexpand.protocols.expandnets_init` is that protocol)."""
     if mode not in ("CL", "CK", "FC"):
         raise ValueError("mode must be 'CL', 'CK' or 'FC'")
-    passes = [LinearExpand(mode=mode, ratio=ratio, init=init, fc_layers=fc_layers)]
+    passes = [LinearExpand(mode=mode, ratio=ratio, init=init, fc_layers=fc_layers, layers=layers)]
     if fc and mode != "FC":
-        passes.append(LinearExpand(mode="FC", ratio=ratio, init=init, fc_layers=fc_layers))
+        passes.append(LinearExpand(mode="FC", ratio=ratio, init=init, fc_layers=fc_layers, layers=layers))
     return passes
+
+
+def netaug(**kwargs: Any) -> list:
+    """NetAug: every free channel group made augmentable (:class:`AugmentWidth`, its defaults are the
+    paper's multipliers scaled to the model; keyword arguments go to the pass)."""
+    return [AugmentWidth(**kwargs)]
+
+
+def early_exits(boost: bool = True, at: str = "blocks", seed: int = 0, **kwargs: Any) -> list:
+    """BoostNet: boosted early exits after the model's blocks (``boost=False``: plain joint training
+    of the exits, the paper's baseline); keyword arguments go to :class:`InsertEarlyExits`."""
+    return [InsertEarlyExits(at=at, boost=boost, seed=seed, **kwargs)]
 
 
 RECIPES = {
@@ -100,6 +123,10 @@ RECIPES = {
     "expandnets-cl": lambda: expandnets("CL"),
     "expandnets-ck": lambda: expandnets("CK"),
     "expandnets-fc": lambda: expandnets("FC"),
+    "expandnets-ck-init": lambda: expandnets("CK", init="nonlinear"),
+    "expandnets-cl-init": lambda: expandnets("CL", init="nonlinear"),
+    "netaug": netaug,
+    "early-exits": early_exits,
 }
 
 

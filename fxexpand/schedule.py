@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core import DecayActivation
+from .core import DecayActivation, ExpandedRegion, unwrap
 
-__all__ = ["LinearDecay", "set_decay", "get_decay", "decay_modules"]
+__all__ = ["LinearDecay", "set_decay", "get_decay", "decay_modules", "linearize"]
 
 
 def decay_modules(model: nn.Module) -> dict[str, DecayActivation]:
@@ -109,3 +109,29 @@ class LinearDecay:
     def load_state_dict(self, state: dict) -> None:
         self.total_steps, self.start_step = int(state["total_steps"]), int(state["start_step"])
         self._apply(int(state["global_step"]))
+
+
+def linearize(model: nn.Module, train_mode: str = "collapsed") -> int:
+    """Turn decayable chains into linear chains, keeping their parameters: ExpandNets' **+Init**
+    switch from the nonlinear counterpart to the ExpandNet (Sec. 3.2 of the paper).
+
+    Every :class:`~fxexpand.core.DecayActivation` is set to alpha = 1 (the identity); those inside
+    an expanded region whose body is an ``nn.Sequential`` are then removed, so the region's chain
+    is its linear factors — the same parameter objects, now at consecutive indices, which is the
+    ExpandNet's own ``state_dict`` layout — and the region is set to ``train_mode`` ("collapsed"
+    where the chain allows it). Build a new optimizer afterwards (the paper trains the initialised
+    ExpandNet anew). Returns how many activations were removed.
+    """
+
+    target = unwrap(model)
+    set_decay(target, 1.0)
+    removed = 0
+    for region in [m for m in target.modules() if isinstance(m, ExpandedRegion)]:
+        body = region.body
+        if not isinstance(body, nn.Sequential) or not any(isinstance(m, DecayActivation) for m in body):
+            continue
+        kept = [m for m in body if not isinstance(m, DecayActivation)]
+        removed += len(body) - len(kept)
+        region.body = nn.Sequential(*kept).train(body.training)
+        region.set_train_mode(train_mode)
+    return removed

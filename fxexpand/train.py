@@ -54,7 +54,8 @@ class DecaySchedule:
         model: the expanded model (or a DDP wrapper of it).
         epochs: total training epochs.
         steps_per_epoch: optimizer steps per epoch.
-        decay_fraction: share of the epochs over which alpha rises 0 -> 1 (NetBooster: 0.2).
+        decay_fraction: share of the epochs over which alpha rises 0 -> 1 (NetBooster: 0.2); 0 = no
+            decay (alpha stays where it is, e.g. 0 while the deep giant trains).
         finetune_epochs: epochs at alpha = 1 after the decay (0 = decay ends with training).
     """
 
@@ -67,22 +68,28 @@ class DecaySchedule:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.steps_per_epoch < 1:
             raise ValueError("epochs and steps_per_epoch must be >= 1")
-        if not 0.0 < self.decay_fraction <= 1.0:
-            raise ValueError("decay_fraction must lie in (0, 1]")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ValueError("decay_fraction must lie in [0, 1]")
         if not 0 <= self.finetune_epochs < self.epochs:
             raise ValueError("finetune_epochs must be in [0, epochs)")
+        self.linear = None
+        if self.decay_fraction == 0.0:  # no decay: alpha is left as it is
+            self.decay_start_epoch, self.decay_epochs = self.epochs, 0
+            return
         decay_epochs = max(1, math.ceil(self.decay_fraction * self.epochs - 1e-9))
         decay_epochs = min(decay_epochs, self.epochs - self.finetune_epochs)
         self.decay_start_epoch = self.epochs - self.finetune_epochs - decay_epochs
         self.decay_epochs = decay_epochs
-        self.linear = None
         if decay_modules(unwrap(self.model)):
             self.linear = LinearDecay(unwrap(self.model), total_steps=decay_epochs * self.steps_per_epoch,
                                       start_step=self.decay_start_epoch * self.steps_per_epoch)
 
     @property
     def alpha(self) -> float:
-        return 1.0 if self.linear is None else self.linear.alpha
+        if self.linear is not None:
+            return self.linear.alpha
+        mods = decay_modules(unwrap(self.model))
+        return float(next(iter(mods.values())).alpha) if mods else 1.0
 
     @property
     def global_step(self) -> int:
@@ -90,7 +97,7 @@ class DecaySchedule:
 
     def step(self) -> float:
         """Call after every optimizer step; returns the new alpha (1.0 if nothing decays)."""
-        return 1.0 if self.linear is None else self.linear.step()
+        return self.alpha if self.linear is None else self.linear.step()
 
 
 class Callback(Protocol):
@@ -100,7 +107,8 @@ class Callback(Protocol):
 class Trainer:
     """A small training loop for expanded models: train → PLT decay → fine-tune at alpha = 1 → contract.
 
-    Callbacks are called as ``cb(event, trainer, **info)`` with events ``"step"`` (``loss``, ``alpha``,
+    ``lr_scheduler`` steps once per epoch (``scheduler_interval="epoch"``) or after every optimizer
+    step (``"step"``, e.g. ``OneCycleLR``). Callbacks are called as ``cb(event, trainer, **info)`` with events ``"step"`` (``loss``, ``alpha``,
     ``step``) and ``"epoch"`` (``epoch``, ``loss``, ``alpha``).
 
     A multi-exit model (``InsertEarlyExits``) is trained on the sum of its exits' losses
@@ -116,7 +124,7 @@ class Trainer:
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
                  callbacks: Iterable[Callable] = (), lr_scheduler: Any = None,
                  netaug: WidthSampler | None = None, netaug_alpha: float = 1.0, separate_backward: bool = False,
-                 sort_channels: str | None = None):
+                 sort_channels: str | None = None, scheduler_interval: str = "epoch"):
         self.model, self.optimizer, self.epochs = model, optimizer, int(epochs)
         self.decay_fraction, self.finetune_epochs = decay_fraction, int(finetune_epochs)
         self.loss_fn, self.callbacks, self.lr_scheduler = loss_fn, list(callbacks), lr_scheduler
@@ -129,6 +137,9 @@ class Trainer:
             raise ValueError("sort_channels needs netaug=WidthSampler(...)")
         self.netaug, self.netaug_alpha = netaug, float(netaug_alpha)
         self.separate_backward, self.sort_channels = bool(separate_backward), sort_channels
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError("scheduler_interval must be 'epoch' or 'step'")
+        self.scheduler_interval = scheduler_interval
 
     def _emit(self, event: str, **info: Any) -> None:
         for cb in self.callbacks:
@@ -163,9 +174,11 @@ class Trainer:
                 step += 1
                 self.optimizer.step()
                 alpha = self.schedule.step()
+                if self.lr_scheduler is not None and self.scheduler_interval == "step":
+                    self.lr_scheduler.step()
                 total, n = total + float(loss.detach()), n + 1
                 self._emit("step", loss=float(loss.detach()), alpha=alpha, step=self.schedule.global_step)
-            if self.lr_scheduler is not None:
+            if self.lr_scheduler is not None and self.scheduler_interval == "epoch":
                 self.lr_scheduler.step()
             self._emit("epoch", epoch=epoch, loss=total / max(n, 1), alpha=self.schedule.alpha)
         if self.netaug is not None:

@@ -21,6 +21,7 @@ PKG = ROOT / "fxexpand"
 # function-local imports that are allowed: optional dependencies and documented lazy loads
 ALLOWED_LOCAL_IMPORTS = {
     ("core/trace.py", "torchvision.ops"),  # torchvision is optional for the engine
+    ("io.py", "timm"),  # optional extra fxexpand[timm], only a timm:<name> factory needs it (~4 s to import)
     ("train.py", "lightning.pytorch"),  # optional extra
     ("train.py", "pytorch_lightning"),  # optional extra (old package name)
     ("testing/__init__.py", "hypothesis.strategies"),  # dev extra
@@ -28,6 +29,10 @@ ALLOWED_LOCAL_IMPORTS = {
     ("io.py", "torchvision.models"),  # pulls in torch._dynamo: ~2 s
     ("demo.py", "sklearn.datasets"),  # scikit-learn: ~1 s, only for the digits data
     ("demo.py", "sklearn.model_selection"),
+    ("demo.py", "scipy"),  # ~0.3 s, only the demo's confidence intervals
+    ("demo.py", "matplotlib.figure"),  # only the demo's plot
+    ("data.py", "mnist1d.data"),  # imports requests and matplotlib (~0.5 s); only MNIST-1D needs it
+    ("data.py", "sklearn.datasets"),
     ("core/channels.py", "networkx"),  # ~0.13 s, only width growth needs it
     ("export.py", "onnx"),  # ~0.05 s, only export needs it
     ("export.py", "onnxruntime"),  # ~0.07 s, only export and timing need it

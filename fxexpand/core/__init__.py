@@ -25,6 +25,8 @@ from .algebra import (
     grouped_weight,
     identity_like,
     max_groups,
+    negate,
+    scale_as_op,
     sum_parallel,
 )
 from .channels import ChannelAnalysis, analyse, orthogonal_rows, resize
@@ -58,6 +60,8 @@ from .fx import (
     get_module,
     has_module,
     in_scope,
+    is_metadata_read,
+    metadata_reads,
     module_call_count,
     module_call_counts,
     node_input,
@@ -65,8 +69,10 @@ from .fx import (
     out_shape,
     propagate_shapes,
     replace_nodes_with_module,
+    move_metadata_reads,
     set_module,
     unwrap,
+    value_users,
 )
 from .infra import (
     Note,
@@ -96,11 +102,14 @@ from .ops import (
     as_int_tuple,
     bias_sink,
     bn_of,
+    constant_of,
     is_add,
+    is_sub,
     linear_op_of,
     linear_param_names,
     node_arg,
     norm_padding,
+    scale_of,
     shared_use,
     site_name,
 )
@@ -135,6 +144,8 @@ from .select import (
     conv_problem,
     evenly_spaced,
     select_targets,
+    residual_branch_nodes,
+    output_layers,
     spread,
 )
 from .trace import ModuleCall, trace, trace_with_calls
@@ -149,7 +160,8 @@ from .verify import (
 
 __all__ = [
     # algebra
-    "bn_as_op", "compose", "dense_weight", "grouped_weight", "identity_like", "max_groups", "sum_parallel",
+    "bn_as_op", "compose", "dense_weight", "grouped_weight", "identity_like", "max_groups", "negate", "scale_as_op",
+    "sum_parallel",
     # channels
     "ChannelAnalysis", "analyse", "orthogonal_rows", "resize",
     # dynamic
@@ -160,8 +172,9 @@ __all__ = [
     "PassError", "PostconditionError", "PreconditionError", "TraceError",
     # fx
     "as_inputs", "attr_use_counts", "erase_if_dead", "fresh_name", "get_attr", "get_module", "has_module",
-    "in_scope", "module_call_count", "module_call_counts", "node_input", "node_label", "out_shape",
-    "propagate_shapes", "replace_nodes_with_module", "set_module", "unwrap",
+    "in_scope", "is_metadata_read", "metadata_reads", "module_call_count", "module_call_counts",
+    "move_metadata_reads", "node_input", "node_label", "out_shape", "propagate_shapes",
+    "replace_nodes_with_module", "set_module", "unwrap", "value_users",
     # infra
     "Note", "Pass", "PassManager", "PassResult", "ScopedPass", "build_pass", "get_pass", "register_pass",
     "registered_passes", "required_arguments", "unregister_pass",
@@ -169,14 +182,15 @@ __all__ = [
     "DecayActivation", "GradientScale", "Residual",
     # ops
     "ADD_FUNCS", "BN_FUNCS", "BN_MODULES", "BN_TYPES", "CONV_FUNCS", "CONV_MODULES", "CONV_TYPES", "LINEAR_FUNCS",
-    "BNParams", "LinearOp", "as_int_tuple", "bias_sink", "bn_of", "is_add", "linear_op_of", "linear_param_names", "node_arg",
-    "norm_padding", "shared_use", "site_name",
+    "BNParams", "LinearOp", "as_int_tuple", "bias_sink", "bn_of", "constant_of", "is_add", "is_sub", "linear_op_of", "linear_param_names", "node_arg",
+    "norm_padding", "scale_of", "shared_use", "site_name",
     # provenance
     "RESTORABLE_TYPES", "ChainRecord", "ExpandedRegion", "GrowthRecord", "ModelFactory", "ModuleRenames", "ParameterOrigins",
     "Recipe", "WidthGroup", "WidthRecord", "ExitRecord", "build_layer", "drop_record", "find_regions", "get_record", "keep_attr", "layer_config", "persistent_records", "region_of", "set_record",
     "set_traced_regions", "traced_regions",
     # select
     "ACTIVATION_MODULES", "BLOCK_TYPES", "activation_near", "conv_problem", "evenly_spaced", "select_targets",
+    "residual_branch_nodes", "output_layers",
     "spread",
     # trace
     "ModuleCall", "trace", "trace_with_calls",

@@ -24,11 +24,11 @@ from torch import nn
 
 from .errors import PassError
 from .fx import get_module, module_call_counts
-from .ops import norm_padding
+from .ops import is_add, norm_padding
 from .provenance import ExpandedRegion
 
 __all__ = ["BLOCK_TYPES", "ACTIVATION_MODULES", "evenly_spaced", "select_targets", "conv_problem",
-           "activation_near", "spread"]
+           "activation_near", "spread", "residual_branch_nodes", "output_layers"]
 
 BLOCK_TYPES = {"InvertedResidual", "_InvertedResidual", "MBConv", "FusedMBConv", "Bottleneck", "BasicBlock"}
 
@@ -216,3 +216,49 @@ def spread(n: int, m: int) -> list[int]:
     if m == 1:
         return [0]
     return [math.floor(i * (n - 1) / (m - 1) + 0.5) for i in range(m)]
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def residual_branch_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes inside a residual (or any merging) branch: those that reach exactly one of the two
+    operands of an add joining two tensors (``x + f(x)``: every node of ``f``). A node before the
+    fork reaches both operands; a node after the join reaches neither. ExpandNets expands only the
+    *non-residual* 3x3 convs of MobileNetV2 (Sec. 4.2)."""
+    inside: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if not is_add(node):
+            continue
+        a, b = (_ancestors(x) | {x} for x in node.args[:2])
+        inside |= a ^ b
+    return {n for n in inside if n.op not in ("placeholder", "get_attr")}
+
+
+def output_layers(gm: fx.GraphModule) -> set[str]:
+    """Qualified names of the conv / linear modules that produce the model's output with no other
+    conv or linear after them (a classifier's logit layer). ExpandNets expands the *hidden* FC layers."""
+    out: set[str] = set()
+    layer_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, ExpandedRegion)
+    seen: set[fx.Node] = set()
+    stack = [n for n in gm.graph.nodes if n.op == "output"]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a in seen:
+                continue
+            seen.add(a)
+            if a.op == "call_module" and isinstance(get_module(gm, a.target), layer_types):
+                out.add(a.target)
+            else:
+                stack.append(a)
+    return out
