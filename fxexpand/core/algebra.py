@@ -31,7 +31,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from .ops import BNParams, LinearOp
 
-__all__ = ["compose", "sum_parallel", "identity_like", "bn_as_op", "dense_weight", "grouped_weight", "max_groups"]
+__all__ = ["compose", "sum_parallel", "identity_like", "bn_as_op", "scale_as_op", "negate", "dense_weight", "grouped_weight", "max_groups"]
 
 
 def dense_weight(op: LinearOp) -> torch.Tensor:
@@ -221,6 +221,42 @@ def bn_as_op(bn: BNParams, like: LinearOp) -> LinearOp:
     dt = like.weight.dtype
     return LinearOp(like.kind, w.detach().to(dt), b.detach().to(dt), ident.stride, ident.padding, ident.dilation,
                     ident.groups)
+
+
+def scale_as_op(factor, like: LinearOp, shape: tuple[int, ...] | None) -> LinearOp | None:
+    """A constant scale ``y · s`` of an output of ``like`` (shape ``shape``) as an op of ``like``'s kind:
+    a depthwise 1x1 conv with weight ``s`` (``s`` a number or a tensor that varies along dim 1 only,
+    e.g. a layer-scale ``gamma`` of shape ``[C, 1, 1]``) or a diagonal matrix (``s`` varies along the
+    last dim only). None when ``s`` broadcasts any other way (it would change the output's shape or
+    scale along a spatial dim). Built in float64, returned in ``like``'s dtype."""
+    if shape is None:
+        return None
+    c, nd = like.out_channels, len(shape)
+    if isinstance(factor, float):
+        vec = torch.full((c,), factor, dtype=torch.float64)
+    else:
+        t = factor.detach().to(torch.float64)
+        if t.dim() > nd or t.is_complex():
+            return None
+        full = t.reshape((1,) * (nd - t.dim()) + tuple(t.shape))
+        dim = 1 if like.kind == "conv" else nd - 1
+        if like.kind == "conv" and nd != like.nd + 2:
+            return None
+        if any(n != 1 for i, n in enumerate(full.shape) if i != dim) or full.shape[dim] not in (1, c):
+            return None
+        if shape[dim] != c:
+            return None
+        vec = full.reshape(-1).expand(c).clone()
+    ident = identity_like(like, c)
+    w = ident.weight.detach().to(torch.float64)
+    w = w * vec.reshape((c,) + (1,) * (w.dim() - 1)) if like.kind == "conv" else torch.diag(vec)
+    return LinearOp(like.kind, w.to(like.weight.dtype), None, ident.stride, ident.padding, ident.dilation, ident.groups)
+
+
+def negate(op: LinearOp) -> LinearOp:
+    """``−op``: the same op with its weight and bias negated (a subtracted branch)."""
+    return LinearOp(op.kind, -op.weight.detach(), None if op.bias is None else -op.bias.detach(), op.stride,
+                    op.padding, op.dilation, op.groups)
 
 
 def sum_parallel(ops: list[LinearOp]) -> tuple[LinearOp | None, str]:

@@ -7,6 +7,9 @@ algebra, and installs the result with :func:`replace_nodes_with_module`.
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import io
 from collections import Counter
 from typing import Any, Iterable
 
@@ -20,7 +23,8 @@ from .provenance import region_of
 
 __all__ = [
     "get_module", "get_attr", "set_module", "fresh_name", "has_module", "module_call_count",
-    "module_call_counts", "attr_use_counts", "node_input", "out_shape", "node_label",
+    "module_call_counts", "attr_use_counts", "is_metadata_read", "value_users", "metadata_reads",
+    "move_metadata_reads", "node_input", "out_shape", "node_label",
     "in_scope", "erase_if_dead", "replace_nodes_with_module", "as_inputs", "propagate_shapes", "unwrap",
 ]
 
@@ -95,17 +99,71 @@ def node_label(node: fx.Node) -> str:
     return node.name
 
 
+#: tensor attributes that describe a tensor without reading its values (``x.shape``, ``x.ndim``, ...)
+METADATA_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "is_sparse", "is_quantized",
+                            "is_meta"})
+#: tensor methods that return metadata only (``x.size()``, ``x.dim()``, ``x.numel()``, ...)
+METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "element_size", "get_device",
+                              "is_floating_point", "is_complex"})
+#: functions of one tensor that return metadata only (``len(x)`` once ``torch.fx.wrap("len")``, ``torch.numel``)
+METADATA_FUNCS = frozenset({builtins.len, torch.numel, torch.is_floating_point, torch.is_complex,
+                            torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel})
+
+
+def is_metadata_read(user: fx.Node, value: fx.Node) -> bool:
+    """Whether ``user`` reads only metadata of ``value`` (shape, rank, dtype, device, element
+    count), never its values: ``x.shape``, ``x.size()``, ``x.size(1)``, ``x.dim()``, ``x.ndim``,
+    ``x.numel()``, ``len(x)``, ``torch.numel(x)``, ``x.dtype``, ``x.device``. An assertion on such a
+    read (``torch._assert(x.dim() == 4, ...)``) consumes the read, not ``value``, so it is no use of
+    ``value`` either. ``value`` must be the read's first argument and appear nowhere else in it."""
+    if not user.args or user.args[0] is not value or any(a is value for a in user.args[1:]):
+        return False
+    if any(a is value for a in user.kwargs.values()):
+        return False
+    if user.op == "call_method":
+        return user.target in METADATA_METHODS
+    if user.op != "call_function":
+        return False
+    if user.target is builtins.getattr:
+        return len(user.args) == 2 and user.args[1] in METADATA_ATTRS
+    return user.target in METADATA_FUNCS
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values: every user except metadata reads
+    (:func:`is_metadata_read`). This, not ``node.users``, decides whether a rewrite that removes
+    ``node`` as a value is allowed ("the conv's output has no user but the batch norm")."""
+    return [u for u in node.users if not is_metadata_read(u, node)]
+
+
+def metadata_reads(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read only its metadata (the complement of :func:`value_users`)."""
+    return [u for u in node.users if is_metadata_read(u, node)]
+
+
+def move_metadata_reads(node: fx.Node, to: fx.Node) -> int:
+    """Make the metadata reads of ``node`` read ``to`` instead; returns how many moved. The caller
+    guarantees that ``to`` has ``node``'s shape, dtype and device *for every input* (a folded
+    BatchNorm's output for its conv's, a fused sum for its branches'), so every read gives the same
+    answer and ``node`` can be erased."""
+    reads = metadata_reads(node)
+    for u in reads:
+        u.replace_input_with(node, to)
+    return len(reads)
+
+
 def module_call_counts(gm: fx.GraphModule) -> Counter:
     """How many call_module nodes call each submodule (rule 7: shared modules are not rewritten)."""
     return Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
 
 
 def attr_use_counts(gm: fx.GraphModule) -> Counter:
-    """How many get_attr nodes (and their users) read each attribute."""
+    """How many get_attr nodes (and their users) read each attribute (metadata reads such as
+    ``self.weight.shape`` do not count: they do not depend on the values a rewrite changes)."""
     c: Counter = Counter()
     for n in gm.graph.nodes:
         if n.op == "get_attr":
-            c[n.target] += max(1, len(n.users))
+            c[n.target] += max(1, len(value_users(n)))
     return c
 
 
@@ -140,6 +198,7 @@ def replace_nodes_with_module(
     input_node: fx.Node,
     name: str,
     call_counts: Counter | None = None,
+    same_shape: Iterable[fx.Node] = (),
 ) -> fx.Node:
     """Replace ``chain`` (its last node's output) by ``module(input_node)`` installed at ``name``.
 
@@ -149,6 +208,11 @@ def replace_nodes_with_module(
     ``call_counts``: a live :func:`module_call_counts` of ``gm`` that the caller keeps for a whole
     pass; it is read instead of scanning the graph and updated for this rewrite, so a pass making a
     rewrite per node stays linear in the graph size. Without it the graph is scanned (O(graph)).
+
+    ``same_shape``: nodes of ``chain`` whose output has the new node's shape, dtype and device for
+    every input (the caller's guarantee); their metadata reads (``x.shape``, ``x.dim()``, ...) move
+    onto the new node (:func:`move_metadata_reads`), so they do not keep the old op alive. The last
+    node's reads always move with its other uses.
     """
     chain_targets = Counter(n.target for n in chain if n.op == "call_module")
     exists = has_module(gm, name)  # a path walk, not a walk over every submodule
@@ -159,13 +223,19 @@ def replace_nodes_with_module(
         name = fresh_name(gm, name)
     set_module(gm, name, module)
     last = chain[-1]
-    with gm.graph.inserting_before(last):
+    same_shape = [n for n in same_shape if n is not last and metadata_reads(n)]
+    # a metadata read sits after the node it reads and may come before ``last``: the new node then
+    # goes before the chain's first node (its input is defined before the whole chain)
+    where = min(chain) if same_shape else last
+    with gm.graph.inserting_before(where):
         new = gm.graph.call_module(name, (input_node,))
     new.meta = dict(last.meta)
     first_stack = chain[0].meta.get("nn_module_stack")
     if first_stack is not None and "nn_module_stack" not in new.meta:
         new.meta["nn_module_stack"] = first_stack
     last.replace_all_uses_with(new)
+    for n in same_shape:
+        move_metadata_reads(n, new)
     erase_if_dead(gm, chain)
     if call_counts is not None:
         for n in chain:
@@ -195,8 +265,14 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
     gm.eval()
     try:
         with torch.no_grad():
-            gm(*inputs)  # a plain run first: a clean error message for inputs that do not fit
-            ShapeProp(gm).propagate(*inputs)
+            try:
+                # one run; ShapeProp prints the traceback of a failing node, which the plain run
+                # below replaces with a clean message
+                with contextlib.redirect_stderr(io.StringIO()):
+                    ShapeProp(gm).propagate(*inputs)
+            except Exception:
+                gm(*inputs)  # a plain run: the clean error message for inputs that do not fit
+                raise
     except FxExpandError:
         raise
     except Exception as e:

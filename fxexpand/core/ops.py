@@ -19,12 +19,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .fx import fresh_name, get_attr, get_module
+from .fx import fresh_name, get_attr, get_module, value_users
 
 __all__ = [
     "CONV_MODULES", "CONV_FUNCS", "CONV_TYPES", "LINEAR_FUNCS", "BN_MODULES", "BN_FUNCS", "BN_TYPES",
     "ADD_FUNCS", "node_arg", "as_int_tuple", "norm_padding", "is_add", "bias_sink", "site_name",
-    "LinearOp", "linear_op_of", "linear_param_names", "shared_use", "BNParams", "bn_of",
+    "LinearOp", "linear_op_of", "linear_param_names", "shared_use", "BNParams", "bn_of", "is_sub",
+    "scale_of", "constant_of",
 ]
 
 
@@ -37,6 +38,11 @@ LINEAR_FUNCS = {F.linear, torch.nn.functional.linear}
 BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 BN_FUNCS = {F.batch_norm, torch.batch_norm}
 ADD_FUNCS = {operator.add, operator.iadd, torch.add}
+SUB_FUNCS = {operator.sub, operator.isub, torch.sub}
+MUL_FUNCS = {operator.mul, operator.imul, torch.mul}
+DIV_FUNCS = {operator.truediv, operator.itruediv, torch.div}
+#: shape-only methods a constant may go through on its way to a scale (``gamma.view(1, -1, 1, 1)``)
+_VIEW_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "flatten"}
 CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BN_TYPES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
@@ -70,6 +76,66 @@ def is_add(node: fx.Node) -> bool:
     return alpha == 1 and set(node.kwargs) <= {"alpha"}
 
 
+def is_sub(node: fx.Node) -> bool:
+    """``a - b`` in any traced form with both operands nodes and no ``alpha``."""
+    if node.op == "call_function" and node.target in SUB_FUNCS:
+        pass
+    elif node.op == "call_method" and node.target in ("sub", "sub_"):
+        pass
+    else:
+        return False
+    if len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+        return False
+    return node.kwargs.get("alpha", 1) == 1 and set(node.kwargs) <= {"alpha"}
+
+
+def constant_of(gm: fx.GraphModule, node: Any) -> Any:
+    """The value of ``node`` if it is a constant: a Python number, a ``get_attr`` tensor, or such a
+    tensor through shape-only methods (``gamma.view(1, -1, 1, 1)``, ``.reshape``, ``.unsqueeze``);
+    None otherwise."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return float(node)
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        v = get_attr(gm, node.target)
+        return v if isinstance(v, torch.Tensor) else None
+    if node.op == "call_method" and node.target in _VIEW_METHODS and node.args:
+        base = constant_of(gm, node.args[0])
+        rest = list(node.args[1:]) + list(node.kwargs.values())
+        if isinstance(base, torch.Tensor) and not any(isinstance(a, fx.Node) for a in rest):
+            return getattr(base, node.target)(*node.args[1:], **node.kwargs)
+    return None
+
+
+def scale_of(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, Any] | None:
+    """``(y, s)`` if ``node`` is ``y * s``, ``s * y`` or ``y / s`` with ``s`` a constant
+    (:func:`constant_of`: a number, or a tensor such as a layer-scale ``gamma``) and ``y`` a graph
+    value; ``s`` is returned as the multiplier (``1 / s`` for a division). None otherwise. Whether
+    ``s`` broadcasts as a per-channel scale is decided by :func:`fxexpand.core.scale_as_op`."""
+    if node.op not in ("call_function", "call_method") or node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    name = node.target if node.op == "call_method" else None
+    mul = node.target in MUL_FUNCS or name in ("mul", "mul_")
+    div = node.target in DIV_FUNCS or name in ("div", "div_")
+    if not (mul or div):
+        return None
+    pairs = [(a, b)] + ([(b, a)] if mul and node.op == "call_function" else [])
+    for y, s in pairs:
+        if not isinstance(y, fx.Node) or (isinstance(s, fx.Node) and s is y):
+            continue
+        v = constant_of(gm, s)
+        if v is None:
+            continue
+        if div:
+            if isinstance(v, float):
+                return (y, 1.0 / v) if v != 0 else None
+            return y, v.detach().double().reciprocal()
+        return y, v
+    return None
+
+
 @dataclass
 class LinearOp:
     """A conv or linear op with constant parameters, in a form the algebra can work on.
@@ -101,6 +167,17 @@ class LinearOp:
     @property
     def kernel(self) -> tuple[int, ...]:
         return tuple(self.weight.shape[2:])
+
+    @property
+    def preserves_shape(self) -> bool:
+        """Whether the output has the input's shape for *every* input: as many outputs as inputs
+        and, for a conv, stride 1 with ``2·padding == dilation·(kernel − 1)`` per dim."""
+        if self.in_channels != self.out_channels:
+            return False
+        if self.kind == "linear":
+            return True
+        return all(s == 1 and 2 * p == d * (k - 1)
+                   for s, p, d, k in zip(self.stride, self.padding, self.dilation, self.kernel))
 
     def macs(self, output_shape: tuple[int, ...] | None) -> int | None:
         """Multiply-accumulates for one call producing ``output_shape``."""
@@ -275,7 +352,7 @@ def bias_sink(gm: fx.GraphModule, node: fx.Node, calls: Counter) -> tuple[str | 
     to feed only a BatchNorm *module* with running statistics, called from this one place.
     Returns ``(that BatchNorm's qualified name, "")`` or ``(None, reason)``.
     """
-    users = list(node.users)
+    users = value_users(node)  # a shape read does not keep the bias out of the BatchNorm
     if len(users) != 1:
         return None, f"its output has {len(users)} users, not one BatchNorm"
     user = users[0]

@@ -10,7 +10,9 @@ Math (per output channel c): ``γ_c (W x + b - μ_c) / sqrt(σ²_c + ε) + β_c`
 
 Preconditions (otherwise the site is skipped and the reason recorded): the BN has running
 statistics and is in eval mode (or ``F.batch_norm(training=False)``); the conv's output has no user
-but the BN; the conv module (or its functional weights) is used at no other site (rule 7); a
+but the BN, not counting metadata reads (``y.shape``, ``y.dim()``, ``y.ndim``, ``len(y)``, ...,
+:func:`~fxexpand.core.value_users`: timm's ``BatchNormAct2d`` asserts its input's rank), which then
+read the folded op's output, of the same shape; the conv module (or its functional weights) is used at no other site (rule 7); a
 linear feeding a BatchNorm1d produces a 2-D output (BN1d normalises dim 1, linear acts on the
 last dim).
 """
@@ -42,6 +44,7 @@ from ..core import (
     replace_nodes_with_module,
     shared_use,
     site_name,
+    value_users,
 )
 
 __all__ = ["FoldBatchNorm"]
@@ -89,7 +92,9 @@ class FoldBatchNorm(ScopedPass):
             if new_module is None:
                 notes.append(self.note("skipped", where, name))
                 continue
-            replace_nodes_with_module(gm, [prev, node], new_module, node_input(prev), name, call_counts=live)
+            # a BatchNorm keeps the shape: the conv's shape reads now read the folded output
+            replace_nodes_with_module(gm, [prev, node], new_module, node_input(prev), name, call_counts=live,
+                                      same_shape=[prev])
             notes.append(self.note("folded", where))
             modified = True
         if modified:
@@ -102,7 +107,7 @@ class FoldBatchNorm(ScopedPass):
         op, reason = (None, "") if is_transpose else linear_op_of(gm, prev)
         if op is None and not is_transpose:
             return reason or "-"  # "-": the BN does not follow a conv/linear; nothing to report
-        if len(prev.users) != 1:
+        if len(value_users(prev)) != 1:
             return f"the output of {node_label(prev)} has other users besides the batch norm"
         shared = shared_use(prev, calls, uses)
         if shared:

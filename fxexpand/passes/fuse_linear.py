@@ -12,6 +12,13 @@ Patterns (every op as ``call_module`` or ``call_function`` with constant paramet
   the per-channel affine map ``BN(x) = s·x + (β - μ·s)``, ``s = γ/√(σ²+ε)``, read as a depthwise 1x1
   conv (or a diagonal matrix after a linear), so it joins the parallel sum.
 
+Uses are counted with :func:`~fxexpand.core.value_users`: a metadata read (``y.shape``,
+``y.size()``, ``y.dim()``, ``y.ndim``, ``len(y)``, ...) of an intermediate does not block a fusion. After
+the fusion it reads a tensor of the same shape for every input: the fused output for parallel
+branches and residuals (every branch has the sum's shape) and for a sequential pair whose second op
+keeps the shape (``preserves_shape``), the chain's input when the first op keeps the shape; otherwise
+the site is skipped ("the shape of ... is read").
+
 Every fusion is exact or not done; a refused site is recorded with its reason. Outside expanded
 regions a fusion is made only if it does not increase multiply-accumulates (MACs, from the shapes
 recorded by ShapeProp; without shapes, it is skipped); inside an expanded region it is always made,
@@ -20,6 +27,7 @@ because it restores the original layer. Shared modules/parameters are never fuse
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -43,8 +51,15 @@ from ..core import (
     register_pass,
     replace_nodes_with_module,
     shared_use,
+    is_sub,
+    metadata_reads,
+    move_metadata_reads,
+    negate,
+    scale_as_op,
+    scale_of,
     site_name,
     sum_parallel,
+    value_users,
 )
 
 __all__ = ["FuseLinear"]
@@ -75,6 +90,30 @@ class FuseLinear(ScopedPass):
             return f"would increase MACs from {old} to {new}"
         return ""
 
+    def _cheaply_unprofitable(self, region, first: LinearOp, prev: fx.Node, second: LinearOp, node: fx.Node) -> str:
+        """Refuse a sequential fusion that must increase MACs before composing it (composition of
+        large or differently grouped kernels is the expensive part of contraction). A lower bound
+        of the fused op's MACs: its kernel has at least ``max(k1, k2)`` taps per dim, and its group
+        count is at most ``min(g1, g2)`` (a row of the fused connectivity reaches a whole group of
+        the first op's inputs, a column a whole group of the second op's outputs)."""
+        if region is not None or self.allow_flop_increase:
+            return ""
+        old = [first.macs(out_shape(prev)), second.macs(out_shape(node))]
+        shape = out_shape(node)
+        if shape is None or None in old:
+            return ""
+        if first.kind == "conv":
+            if first.nd != second.nd:
+                return ""
+            groups = min(first.groups, second.groups, math.gcd(second.out_channels, first.in_channels))
+            taps = math.prod(max(a, b) for a, b in zip(first.kernel, second.kernel))
+        else:
+            groups, taps = 1, 1
+        bound = math.prod(shape) * (first.in_channels // max(groups, 1)) * taps
+        if bound > sum(old):
+            return f"would increase MACs from {sum(old)} to at least {bound}"
+        return ""
+
     # -- the pass ------------------------------------------------------------------------------
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
@@ -87,7 +126,7 @@ class FuseLinear(ScopedPass):
         for node in list(gm.graph.nodes):
             if node.graph is not gm.graph or node.op == "output":
                 continue
-            if is_add(node):
+            if is_add(node) or is_sub(node):
                 done, note = self._try_add(gm, node, calls, uses, live)
             else:
                 done, note = self._try_sequential(gm, node, calls, uses, live)
@@ -98,27 +137,56 @@ class FuseLinear(ScopedPass):
             gm.delete_all_unused_submodules()
         return PassResult(gm, modified, notes)
 
-    def _try_sequential(self, gm, node, calls, uses, live):
+    def _read_pair(self, gm, node, uses):
+        """``(prev, first, second)`` for a sequential site ending at ``node``: two linear ops, a linear
+        op followed by a constant scale (``conv(x) * gamma``, ``linear(x) / 2``), or an inference-mode
+        BatchNorm followed by a linear op (``linear(bn(x))``: the BatchNorm as a per-channel affine
+        first op). None when ``node`` ends no such pair."""
         second, _ = linear_op_of(gm, node)
-        if second is None:
-            return False, None
-        prev = node_input(node)
-        if prev is None:
-            return False, None
+        scale = scale_of(gm, node) if second is None else None
+        prev = node_input(node) if scale is None else scale[0]
+        if prev is None or (second is None and scale is None):
+            return None
         first, _ = linear_op_of(gm, prev)
-        if first is None:
+        if first is not None and second is None:
+            second = scale_as_op(scale[1], first, out_shape(node))
+            if second is None or out_shape(prev) != out_shape(node):
+                return None
+        elif first is None and second is not None:
+            first = self._bn_branch(gm, prev, second, uses, as_input=True)
+        if first is None or second is None:
+            return None
+        return prev, first, second
+
+    def _try_sequential(self, gm, node, calls, uses, live):
+        pair = self._read_pair(gm, node, uses)
+        if pair is None:
             return False, None
+        prev, first, second = pair
         ok, region = in_scope(gm, [prev, node], self.scope)
         if not ok:
             return False, None
         where = f"{node_label(prev)} -> {node_label(node)}"
-        if len(prev.users) != 1:
+        if len(value_users(prev)) != 1:
             return False, self.note("skipped", where, f"the output of {node_label(prev)} has other users")
+        # metadata reads of the intermediate must read a tensor of the same shape after the fusion
+        reads_to = None
+        if metadata_reads(prev):
+            if second.preserves_shape:
+                reads_to = "fused"
+            elif first.preserves_shape:
+                reads_to = "input"
+            else:
+                return False, self.note("skipped", where, f"the shape of {node_label(prev)} is read and no tensor "
+                                        "left after the fusion has that shape for every input")
         reason = shared_use(prev, calls, uses) or shared_use(node, calls, uses)
         if not reason and node_input(prev) is None:
             reason = "the chain's input is not a graph value"
         if not reason and first.weight.dtype != second.weight.dtype:
             reason = "parameters have different dtypes"
+        if reason:
+            return False, self.note("skipped", where, reason)
+        reason = self._cheaply_unprofitable(region, first, prev, second, node)
         if reason:
             return False, self.note("skipped", where, reason)
         fused, reason = compose(first, second)
@@ -127,12 +195,19 @@ class FuseLinear(ScopedPass):
         reason = self._profitable(region, [(first, prev), (second, node)], fused, node)
         if reason:
             return False, self.note("skipped", where, reason)
+        if reads_to == "input":
+            move_metadata_reads(prev, node_input(prev))
         replace_nodes_with_module(gm, [prev, node], fused.to_module(), node_input(prev), site_name(gm, node, "fused"),
-                                  call_counts=live)
+                                  call_counts=live, same_shape=[prev] if reads_to == "fused" else ())
         return True, self.note("fused", where, "sequential")
 
     def _try_add(self, gm, node, calls, uses, live):
+        """``a + b`` or ``a - b`` whose operands are linear ops (or BatchNorm / constant-scale branches
+        of the same input, or the input itself): one op. A subtracted operand is negated."""
         a, b = node.args
+        sign = {a: 1.0, b: -1.0 if is_sub(node) else 1.0}
+        if a is b:
+            return False, None
         ops = {}
         for n in (a, b):
             op, _ = linear_op_of(gm, n)
@@ -140,25 +215,36 @@ class FuseLinear(ScopedPass):
                 ops[n] = op
         if not ops:
             return False, None
-        if len(ops) == 1:  # A(x) + BN(x): the batch norm is a per-channel affine branch
+        if len(ops) == 1:  # A(x) + BN(x) or A(x) + s·x: a per-channel affine branch
             (lin, op), = ops.items()
             other = b if lin is a else a
-            bn_op = self._bn_branch(gm, other, op, uses)
-            if bn_op is not None and node_input(other) is node_input(lin) and node_input(lin) is not None:
-                ops[other] = bn_op
+            branch = self._bn_branch(gm, other, op, uses)
+            if branch is not None and node_input(other) is node_input(lin) and node_input(lin) is not None:
+                ops[other] = branch
+            else:
+                scale = scale_of(gm, other)
+                if scale is not None and scale[0] is node_input(lin) and scale[0] is not None:
+                    branch = scale_as_op(scale[1], op, out_shape(other))
+                    if branch is not None and out_shape(other) == out_shape(lin):
+                        ops[other] = branch
+        ops = {n: (negate(op) if sign[n] < 0 else op) for n, op in ops.items()}
         shape = out_shape(node)
-        # identity residual: x + A(x)
+        # identity residual: x + A(x), x - A(x), A(x) - x
         for lin, other in ((a, b), (b, a)):
             if lin in ops and node_input(lin) is other:
-                return self._fuse_branches(gm, node, [lin], other, ops, calls, uses, live, residual=True, shape=shape)
-        if len(ops) == 2 and node_input(a) is not None and node_input(a) is node_input(b) and a is not b:
-            return self._fuse_branches(gm, node, [a, b], node_input(a), ops, calls, uses, live, residual=False, shape=shape)
+                return self._fuse_branches(gm, node, [lin], other, ops, calls, uses, live, residual=sign[other],
+                                           shape=shape)
+        if len(ops) == 2 and node_input(a) is not None and node_input(a) is node_input(b):
+            return self._fuse_branches(gm, node, [a, b], node_input(a), ops, calls, uses, live, residual=0.0,
+                                       shape=shape)
         return False, None
 
     @staticmethod
-    def _bn_branch(gm, node, like: LinearOp, uses) -> LinearOp | None:
+    def _bn_branch(gm, node, like: LinearOp, uses, as_input: bool = False) -> LinearOp | None:
         """An inference-mode batch norm as a linear op of ``like``'s kind: a depthwise 1x1 conv with
-        weight ``s = γ/√(σ²+ε)`` and bias ``β - μ·s`` (a diagonal matrix for a linear), or None."""
+        weight ``s = γ/√(σ²+ε)`` and bias ``β - μ·s`` (a diagonal matrix for a linear), or None.
+        ``as_input``: the batch norm feeds ``like`` (its channels are ``like``'s inputs), else it is a
+        branch beside ``like`` (its channels are ``like``'s outputs)."""
         bn, _ = bn_of(gm, node)
         if bn is None:
             return None
@@ -168,10 +254,15 @@ class FuseLinear(ScopedPass):
                 return None
         shape = out_shape(node)
         c = bn.running_mean.numel()
-        if shape is None or len(shape) < 2 or shape[1] != c or like.out_channels != c:
+        channels = like.in_channels if as_input else like.out_channels
+        if shape is None or len(shape) < 2 or shape[1] != c or channels != c:
             return None
         if like.kind == "linear" and len(shape) != 2:
             return None  # BatchNorm1d normalises dim 1, a linear acts on the last dim
+        if like.kind == "conv" and len(shape) != like.nd + 2:
+            return None
+        if as_input:  # the identity of the batch norm's own channel count, in ``like``'s dimensionality
+            like = LinearOp(like.kind, like.weight.new_zeros((c, 1) + (1,) * like.nd), None)
         return bn_as_op(bn, like)
 
     def _fuse_branches(self, gm, node, branches, x, ops, calls, uses, live, *, residual, shape):
@@ -179,9 +270,9 @@ class FuseLinear(ScopedPass):
         if not ok:
             return False, None
         kind = "identity residual" if residual else "parallel branches"
-        where = " + ".join(["x"] * residual + [node_label(n) for n in branches]) + f" -> {node.name}"
+        where = " + ".join(["x"] * bool(residual) + [node_label(n) for n in branches]) + f" -> {node.name}"
         for n in branches:
-            if len(n.users) != 1:
+            if len(value_users(n)) != 1:
                 return False, self.note("skipped", where, f"the output of {node_label(n)} has other users")
             reason = shared_use(n, calls, uses)
             if reason:
@@ -198,7 +289,8 @@ class FuseLinear(ScopedPass):
                 return False, self.note("skipped", where, "strided conv in an identity residual")
             if op.in_channels != op.out_channels:
                 return False, self.note("skipped", where, "C_in != C_out in an identity residual")
-            op_list = op_list + [identity_like(op, op.in_channels)]
+            ident = identity_like(op, op.in_channels)
+            op_list = op_list + [ident if residual > 0 else negate(ident)]
         if len({o.weight.dtype for o in op_list}) != 1:
             return False, self.note("skipped", where, "parameters have different dtypes")
         fused, reason = sum_parallel(op_list)
@@ -208,7 +300,8 @@ class FuseLinear(ScopedPass):
         if reason:
             return False, self.note("skipped", where, reason)
         name = site_name(gm, branches[0], "fused")
+        # every branch has the sum's shape (checked above): their shape reads read the fused op
         replace_nodes_with_module(gm, list(branches) + [node], fused.to_module(), x, name,
-                                  call_counts=live)
+                                  call_counts=live, same_shape=branches)
         return True, self.note("fused", where, kind)
 

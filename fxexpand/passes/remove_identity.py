@@ -7,13 +7,25 @@ Pattern → rewrite (``y = op(x)`` → uses of ``y`` become uses of ``x``):
   ``F.dropout*(..., training=False)`` calls (the flag is a constant in a traced graph); torchvision's
   ``StochasticDepth`` in eval mode;
 * :class:`~fxexpand.core.DecayActivation` whose ``alpha`` is exactly 1 (rule 6: at alpha < 1 the
-  activation is still non-linear and is kept, with a note).
+  activation is still non-linear and is kept, with a note);
+* adding or subtracting the constant 0: ``x + 0``, ``0 + x``, ``x - 0`` (``operator.add`` /
+  ``torch.add`` / ``x.add(0)``, ``operator.sub`` / ``torch.sub`` / ``x.sub(0)``, a Python ``0`` or
+  ``0.0``, no ``alpha``). timm's MobileOne block starts its branch sum at ``0`` when a branch is
+  absent (``out = scale_out + identity_out`` with ``identity_out = 0``), which hides the branches
+  from :class:`FuseLinear`. Math: ``x + 0 = x`` in IEEE arithmetic except for the sign of a zero
+  (``-0.0 + 0 = +0.0``), which no later op can tell apart numerically except through division by
+  zero. Preconditions (else skipped with the reason): ``x``'s dtype is known (``propagate_shapes``)
+  and floating point (so the result has ``x``'s dtype), and no user of the result writes to it in
+  place (after the rewrite it would write to ``x``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import operator
+
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +44,9 @@ from ..core import (
 __all__ = ["RemoveIdentity"]
 
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_ADD_ZERO = {operator.add, torch.add, "add"}
+_SUB_ZERO = {operator.sub, torch.sub, "sub"}
+_IN_PLACE_OPS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 _DROPOUT_FUNCS = {F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2, F.alpha_dropout: 2,
                   F.feature_alpha_dropout: 2}
 
@@ -59,7 +74,7 @@ class RemoveIdentity(ScopedPass):
             if not ok:
                 notes.append(self.note("skipped", node_label(node), reason))
                 continue
-            src = node_input(node)
+            src = self._zero_operand(node) or node_input(node)
             if src is None:
                 continue
             node.replace_all_uses_with(src)
@@ -71,8 +86,46 @@ class RemoveIdentity(ScopedPass):
         return PassResult(gm, modified, notes)
 
     @staticmethod
-    def _identity(gm: fx.GraphModule, node: fx.Node) -> tuple[bool, str] | None:
+    def _zero_operand(node: fx.Node) -> fx.Node | None:
+        """``x`` if ``node`` is ``x + 0``, ``0 + x`` or ``x - 0`` with a Python zero; else None."""
+        if node.op not in ("call_function", "call_method") or node.kwargs or len(node.args) != 2:
+            return None
+        a, b = node.args
+
+        def zero(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0
+
+        if node.target in _ADD_ZERO or node.target in _SUB_ZERO:
+            if isinstance(a, fx.Node) and zero(b):
+                return a
+            if node.target in _ADD_ZERO and isinstance(b, fx.Node) and zero(a) and node.op == "call_function":
+                return b
+        return None
+
+    @classmethod
+    def _add_zero(cls, gm: fx.GraphModule, node: fx.Node) -> tuple[bool, str] | None:
+        x = cls._zero_operand(node)
+        if x is None:
+            return None
+        meta = x.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "dtype"):
+            return False, "adding 0 to a value of unknown dtype (run propagate_shapes)"
+        if not meta.dtype.is_floating_point:
+            return False, f"adding 0 to a {meta.dtype} tensor may change its dtype"
+        for user in node.users:
+            module = get_module(gm, user.target) if user.op == "call_module" else None
+            in_place = ((user.op == "call_method" and str(user.target).endswith("_"))
+                        or (user.op == "call_function" and user.target in _IN_PLACE_OPS))
+            if in_place or getattr(module, "inplace", False):
+                return False, f"{node_label(user)} writes to the result of adding 0 in place"
+        return True, "adding 0"
+
+    @classmethod
+    def _identity(cls, gm: fx.GraphModule, node: fx.Node) -> tuple[bool, str] | None:
         """None: not a candidate; (True, what) removable; (False, why not)."""
+        verdict = cls._add_zero(gm, node)
+        if verdict is not None:
+            return verdict
         if node.op == "call_module":
             mod = get_module(gm, node.target)
             if type(mod) is nn.Identity:

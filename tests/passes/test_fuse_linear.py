@@ -8,7 +8,7 @@ from torch import nn
 import fxexpand
 from fxexpand.core import propagate_shapes
 from fxexpand.passes import FoldBatchNorm, FuseLinear
-from fxexpand.testing import assert_graph_matches
+from fxexpand.testing import assert_graph_matches, randomize_bn
 
 from ._util import apply, check_equivalent, max_rel, op_types
 
@@ -379,3 +379,167 @@ def test_property_random_conv_chains_fuse_exactly(case):
     model, shape = case
     res = check_equivalent(lambda: FuseLinear(allow_flop_increase=True), model, torch.randn(*shape))
     assert n_linear_ops(res.graph_module) == 1
+
+
+# -- issue 16: subtracted branches, constant scales, BatchNorm before a linear op, timm-style blocks --
+class Sub(nn.Module):
+    """``A(x) - B(x)``, ``x - A(x)`` and ``A(x) - x`` (FastViT's RepMixer subtracts a BN branch)."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.Conv2d(4, 4, 1, groups=2)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if self.form == "conv-conv":
+            return self.a(x) - self.b(x)
+        if self.form == "conv-bn":
+            return self.a(x) - self.bn(x)
+        if self.form == "x-conv":
+            return x - self.a(x)
+        return self.a(x) - x
+
+
+@pytest.mark.parametrize("form", ["conv-conv", "conv-bn", "x-conv", "conv-x"])
+def test_subtracted_branches_fuse_exactly(form):
+    res = check_equivalent(lambda: FuseLinear(), Sub(form), torch.randn(2, 4, 7, 6))  # float64 and float32
+    assert n_linear_ops(res.graph_module) == 1 and "sub" not in op_types(res.graph_module)
+
+
+class Scaled(nn.Module):
+    """A conv or linear followed by a constant scale: a layer-scale ``gamma`` ([C,1,1] or viewed to
+    [1,C,1,1]), a Python number, a division (RepViT averages its two heads with ``/ 2``)."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.conv, self.fc = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(3, 6)
+        self.gamma = nn.Parameter(torch.rand(6, 1, 1) + 0.5)
+        self.g1 = nn.Parameter(torch.rand(6) + 0.5)
+
+    def forward(self, x):
+        if self.form == "gamma":
+            return self.conv(x) * self.gamma
+        if self.form == "gamma.view":
+            return self.g1.view(1, -1, 1, 1) * self.conv(x)
+        if self.form == "number":
+            return 0.25 * self.conv(x)
+        if self.form == "div":
+            return self.fc(x.mean((2, 3))) / 2
+        return self.fc(x.mean((2, 3))) * self.g1
+
+
+@pytest.mark.parametrize("form", ["gamma", "gamma.view", "number", "div", "linear-gamma"])
+def test_constant_scale_joins_the_op_before_it(form):
+    res = check_equivalent(lambda: FuseLinear(), Scaled(form), torch.randn(2, 3, 6, 7))
+    assert not {"mul", "truediv"} & set(op_types(res.graph_module))
+
+
+class SpatialScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.s = nn.Parameter(torch.rand(1, 1, 6, 1))  # varies along a spatial dim: not a per-channel map
+
+    def forward(self, x):
+        return self.conv(x) * self.s
+
+
+def test_negative_scale_along_a_spatial_dim_is_not_fused():
+    _, res, before, _ = apply(FuseLinear(), SpatialScale(), torch.randn(2, 3, 6, 7))
+    assert not res.modified and res.graph_module.code == before
+
+
+class BNFirst(nn.Module):
+    """RepViT's classifier: BatchNorm1d then Linear; and BN before a 1x1 / an unpadded / a padded conv."""
+
+    def __init__(self, conv_kwargs):
+        super().__init__()
+        self.bn1, self.fc = nn.BatchNorm1d(6), nn.Linear(6, 3)
+        self.bn2, self.conv = nn.BatchNorm2d(4), nn.Conv2d(4, 6, **conv_kwargs)
+
+    def forward(self, x):
+        y = self.conv(self.bn2(F.relu(x)))
+        return self.fc(self.bn1(y.mean((2, 3))))
+
+
+@pytest.mark.parametrize("conv_kwargs", [dict(kernel_size=1), dict(kernel_size=3, groups=2, stride=2)])
+def test_batchnorm_before_a_linear_op_is_folded_into_it(conv_kwargs):
+    res = check_equivalent(lambda: FuseLinear(), BNFirst(conv_kwargs), torch.randn(2, 4, 9, 8))
+    assert not any("BatchNorm" in t for t in op_types(res.graph_module))
+
+
+def test_negative_batchnorm_before_a_padded_conv_is_refused_rule_1():
+    _, res, _, _ = apply(FuseLinear(), BNFirst(dict(kernel_size=3, padding=1)), torch.randn(2, 4, 9, 8))
+    assert "BatchNorm2d" in op_types(res.graph_module)
+    assert any(n.where == "bn2 -> conv" and "padded" in n.reason for n in res.notes), [str(n) for n in res.notes]
+
+
+class MobileOneLike(nn.Module):
+    """MobileOne's block: k over-parameterised kxk conv-BN branches + a 1x1 conv-BN scale branch +
+    an identity BN, summed from ``0`` as timm does; depthwise or grouped, stride 1 or 2."""
+
+    def __init__(self, c=4, k=3, groups=4, stride=1, branches=3):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, k, stride, k // 2, groups=groups, bias=False),
+                                                 nn.BatchNorm2d(c)) for _ in range(branches))
+        self.scale = nn.Sequential(nn.Conv2d(c, c, 1, stride, groups=groups, bias=False), nn.BatchNorm2d(c))
+        self.identity = nn.BatchNorm2d(c) if stride == 1 else None
+
+    def forward(self, x):
+        identity_out = 0 if self.identity is None else self.identity(x)
+        out = self.scale(x) + identity_out
+        for conv in self.convs:
+            out = out + conv(x)
+        return F.relu(out)
+
+
+class RepMixerLike(nn.Module):
+    """FastViT's RepMixer: ``x + gamma · (mixer(x) − norm(x))`` with a depthwise mixer and a BN norm,
+    then a conditional position encoding ``x + dwconv(x)``."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.mixer = MobileOneLike(c, groups=c, branches=1)
+        self.norm = nn.BatchNorm2d(c)
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.pe = nn.Conv2d(c, c, 7, padding=3, groups=c)
+
+    def forward(self, x):
+        mixed = self.mixer.scale(x) + self.mixer.identity(x) + self.mixer.convs[0](x)  # no activation
+        x = x + self.gamma * (mixed - self.norm(x))  # one 3x3 depthwise conv
+        return F.relu(x + self.pe(x))  # a second conv: a padded 7x7 after it does not compose (rule 1)
+
+
+@pytest.mark.parametrize("model,n_ops", [
+    (lambda: MobileOneLike(groups=4), 1), (lambda: MobileOneLike(groups=2, branches=4), 1),
+    (lambda: MobileOneLike(groups=1, stride=2), 1), (lambda: MobileOneLike(groups=4, k=5, stride=2), 1),
+    (lambda: RepMixerLike(), 2),
+], ids=["depthwise", "grouped", "dense-stride2", "depthwise-5x5-stride2", "repmixer-cpe"])
+def test_timm_style_blocks_contract_exactly(model, n_ops):
+    m = model()
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-5)):
+        ref = randomize_bn(m).to(dtype).eval()
+        x = torch.randn(2, 4, 9, 8, dtype=dtype)
+        small = fxexpand.contract(ref, (x,), target="deploy")
+        assert n_linear_ops(small) == n_ops, small.fxexpand_report
+        assert not any("BatchNorm" in t for t in op_types(small))
+        assert max_rel(ref, small, x) <= tol
+
+
+def test_branch_that_cannot_merge_is_reported_with_its_reason():
+    class Misaligned(nn.Module):
+        def __init__(self):
+            super().__init__()
+            # 4x4 / pad 1 and 1x1 / pad 0 at stride 2 agree in shape on 8x8 inputs, not on 9x9 ones
+            self.a = nn.Sequential(nn.Conv2d(4, 4, 4, padding=1, stride=2), nn.BatchNorm2d(4))
+            self.b = nn.Conv2d(4, 4, 1, stride=2)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    x = torch.randn(1, 4, 8, 8)
+    small = fxexpand.contract(randomize_bn(Misaligned()).eval(), (x,), target="deploy")
+    assert n_linear_ops(small) == 2
+    assert any("not aligned" in n.reason for n in small.fxexpand_report.skipped)

@@ -154,3 +154,38 @@ def test_negative_training_mode_functional_dropout_and_stochastic_depth_are_kept
     assert not res.modified and res.graph_module.code == before
     assert sorted(n.reason for n in res.notes) == ["dropout with training=True (or a non-constant flag)",
                                                     "stochastic depth in training mode"]
+
+
+# -- adding 0 (timm's MobileOne starts its branch sum at 0) ----------------------------------------
+class AddsZero(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = 0 + self.conv(x)
+        y = y + 0.0
+        return torch.relu(y - 0)
+
+
+def test_adding_zero_is_removed():
+    res = check_equivalent(lambda: RemoveIdentity(), AddsZero(), torch.randn(2, 3, 8, 8))
+    assert [n.reason for n in res.notes] == ["adding 0"] * 3
+    assert not {"add", "sub"} & set(op_types(res.graph_module))
+
+
+def test_negative_adding_zero_to_an_integer_or_in_place_target_is_kept():
+    class IntPlusZero(nn.Module):
+        def forward(self, x):
+            return x.argmax(1) + 0.0  # an int64 tensor plus 0.0 is a float tensor
+
+    class InPlace(nn.Module):
+        def forward(self, x):
+            y = x + 0
+            y.add_(1.0)  # after the rewrite this would modify x
+            return x + y
+
+    for model, why in ((IntPlusZero(), "torch.int64"), (InPlace(), "in place")):
+        _, res, before, _ = apply(RemoveIdentity(), model, torch.randn(2, 3, 4, 4))
+        assert not res.modified and res.graph_module.code == before
+        assert any(why in n.reason for n in res.notes), [str(n) for n in res.notes]
