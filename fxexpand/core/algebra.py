@@ -69,15 +69,21 @@ def _mask(op: LinearOp) -> torch.Tensor:
     return og[:, None] == ig[None, :]
 
 
-def max_groups(mask: torch.Tensor) -> int:
-    """The largest G such that the connectivity mask is block-diagonal with G equal blocks."""
+def max_groups(mask: torch.Tensor, limit: int | None = None) -> int:
+    """The largest G such that the connectivity mask is block-diagonal with G equal blocks.
+
+    ``limit``: an upper bound the caller knows (a composition or a sum of ops with ``g_a`` and
+    ``g_b`` groups has at most ``min(g_a, g_b)``), so larger candidates are not tried. Each candidate
+    is checked on the mask's nonzero entries only."""
     cout, cin = mask.shape
     common = math.gcd(cout, cin)
+    rows, cols = mask.nonzero(as_tuple=True)
     for g in sorted((d for d in range(1, common + 1) if common % d == 0), reverse=True):
-        og = torch.arange(cout) // (cout // g)
-        ig = torch.arange(cin) // (cin // g)
-        allowed = og[:, None] == ig[None, :]
-        if not bool((mask & ~allowed).any()):
+        if g == 1:
+            return 1
+        if limit is not None and g > limit:
+            continue
+        if bool(((rows // (cout // g)) == (cols // (cin // g))).all()):
             return g
     return 1
 
@@ -182,7 +188,7 @@ def compose(first: LinearOp, second: LinearOp) -> tuple[LinearOp | None, str]:
             contrib = torch.einsum("oc,ci...->oi...", w2[(slice(None), slice(None)) + pos], w1)
             _add_taps(dense, contrib, offsets_b(pos), step_a, k1_eff, lead=2)
         mask = (_mask(second).double() @ _mask(first).double()) > 0
-        groups = max_groups(mask)
+        groups = max_groups(mask, limit=min(g1, g2))
         w = grouped_weight(dense, groups)
     b = None
     if b1 is not None:
@@ -305,7 +311,7 @@ def sum_parallel(ops: list[LinearOp]) -> tuple[LinearOp | None, str]:
         mask = torch.zeros(first.out_channels, first.in_channels, dtype=torch.bool)
         for o in ops:
             mask |= _mask(o)
-        groups = max_groups(mask)
+        groups = max_groups(mask, limit=min(o.groups for o in ops))
         w = torch.zeros(first.out_channels, first.in_channels, *K, dtype=torch.float64, device=first.weight.device)
     for o in ops:
         src = o.weight.detach().double() if same_groups else dense_weight(o)

@@ -192,18 +192,19 @@ class LinearOp:
         """A fresh ``nn.ConvNd`` / ``nn.Linear`` holding these parameters."""
         w = self.weight.detach()
         b = None if self.bias is None else self.bias.detach()
-        with torch.no_grad():
-            if self.kind == "linear":
-                m = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-            else:
-                m = CONV_TYPES[self.nd](
-                    self.in_channels, self.out_channels, self.kernel, stride=self.stride,
-                    padding=self.padding, dilation=self.dilation, groups=self.groups,
-                    bias=b is not None, device=w.device, dtype=w.dtype,
-                )
-            m.weight.copy_(w)
-            if b is not None:
-                m.bias.copy_(b)
+        # built on the meta device (no random initialisation of weights that are replaced at once),
+        # then given the parameters
+        if self.kind == "linear":
+            m = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta", dtype=w.dtype)
+        else:
+            m = CONV_TYPES[self.nd](
+                self.in_channels, self.out_channels, self.kernel, stride=self.stride,
+                padding=self.padding, dilation=self.dilation, groups=self.groups,
+                bias=b is not None, device="meta", dtype=w.dtype,
+            )
+        m.weight = nn.Parameter(w.clone().contiguous())
+        if b is not None:
+            m.bias = nn.Parameter(b.clone().contiguous())
         return m
 
 
