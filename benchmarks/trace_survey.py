@@ -184,6 +184,48 @@ def _record_report(rec: dict[str, Any], small_model: torch.nn.Module, keep_error
     rec["contracted_params_M"] = round(sum(p.numel() for p in small_model.parameters()) / 1e6, 3)
 
 
+def contract_record(rec: dict[str, Any], model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module | None:
+    """``fxexpand.contract(model, (x,), target="deploy")`` (``model`` in eval mode), recorded in ``rec``:
+    "ok" with the report's counts and errors, "failed" with the reason (and, for an
+    :class:`~fxexpand.EquivalenceError`, both precisions' errors and the original model's own float32
+    noise), or "failed: float32 tolerance" when only the float32 check failed (then retried at
+    ``RETRY_RTOL``). Returns the contracted model, or None. Shared with ``timm_survey.py``."""
+    t0 = time.perf_counter()
+    small_model = None
+    try:
+        small_model = fxexpand.contract(model, (x,), target="deploy", rtol=RTOL)
+    except Exception as e:  # noqa: BLE001 - record and carry on
+        rec["contract"] = "failed"
+        rec["contract_reason"] = first_line(e)
+        rec["contract_traceback"] = traceback.format_exc(limit=-6)
+        if isinstance(e, fxexpand.EquivalenceError) and e.report is not None:
+            rep = e.report
+            f64_ok = all(o.ok for o in rep.outputs if o.precision == "float64")
+            rec["verify_f64_passed"] = f64_ok
+            rec["max_rel_error_f32"] = rep.max_rel_error(precision="float32")
+            rec["max_rel_error_f64"] = rep.max_rel_error(precision="float64")
+            rec["output_scale"] = max((o.scale for o in rep.outputs if o.precision == "float32"), default=0.0)
+            # how far the *original* model's float32 output is from its float64 output
+            rec["reference_f32_noise_rel"] = float32_noise(model, x)
+            if f64_ok:
+                # the algebra is exact (float64 twin agrees): only float32 rounding exceeded rtol.
+                # Does contraction pass with a looser float32 tolerance?
+                rec["contract"] = "failed: float32 tolerance"
+                try:
+                    retry = fxexpand.contract(model, (x,), target="deploy", rtol=RETRY_RTOL)
+                except Exception as e2:  # noqa: BLE001
+                    rec["retry_reason"] = first_line(e2)
+                else:
+                    rec["passes_at_rtol"] = RETRY_RTOL
+                    _record_report(rec, retry, keep_errors=True)
+                    del retry
+    else:
+        rec["contract"] = "ok"
+        _record_report(rec, small_model)
+    rec["contract_s"] = round(time.perf_counter() - t0, 2)
+    return small_model
+
+
 def survey_one(name: str, *, contract: bool, max_params: float, small: int, seed: int,
                realistic: bool = True) -> dict[str, Any]:
     rec: dict[str, Any] = {"model": name}
@@ -235,39 +277,7 @@ def survey_one(name: str, *, contract: bool, max_params: float, small: int, seed
             # not torch.manual_seed(seed): verify() draws its random trials from a generator seeded
             # with 0, and the example input should not repeat one of them
             x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed + 1000))
-            t0 = time.perf_counter()
-            try:
-                small_model = fxexpand.contract(model, (x,), target="deploy", rtol=RTOL)
-            except Exception as e:  # noqa: BLE001 - record and carry on
-                rec["contract"] = "failed"
-                rec["contract_reason"] = first_line(e)
-                rec["contract_traceback"] = traceback.format_exc(limit=-6)
-                if isinstance(e, fxexpand.EquivalenceError) and e.report is not None:
-                    rep = e.report
-                    f64_ok = all(o.ok for o in rep.outputs if o.precision == "float64")
-                    rec["verify_f64_passed"] = f64_ok
-                    rec["max_rel_error_f32"] = rep.max_rel_error(precision="float32")
-                    rec["max_rel_error_f64"] = rep.max_rel_error(precision="float64")
-                    rec["output_scale"] = max((o.scale for o in rep.outputs if o.precision == "float32"), default=0.0)
-                    # how far the *original* model's float32 output is from its float64 output
-                    rec["reference_f32_noise_rel"] = float32_noise(model, x)
-                    if f64_ok:
-                        # the algebra is exact (float64 twin agrees): only float32 rounding exceeded rtol.
-                        # Does contraction pass with a looser float32 tolerance?
-                        rec["contract"] = "failed: float32 tolerance"
-                        try:
-                            retry = fxexpand.contract(model, (x,), target="deploy", rtol=RETRY_RTOL)
-                        except Exception as e2:  # noqa: BLE001
-                            rec["retry_reason"] = first_line(e2)
-                        else:
-                            rec["passes_at_rtol"] = RETRY_RTOL
-                            _record_report(rec, retry, keep_errors=True)
-                            del retry
-            else:
-                rec["contract"] = "ok"
-                _record_report(rec, small_model)
-                del small_model
-            rec["contract_s"] = round(time.perf_counter() - t0, 2)
+            contract_record(rec, model, x)  # the contracted model is dropped at once
     del model
     gc.collect()
     return rec

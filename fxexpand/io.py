@@ -8,7 +8,9 @@ with ``torch.load(weights_only=True)``: no code runs while reading it.
 is on the allow-list:
 
 * ``torchvision:<builder>`` for every torchvision model builder (built with ``weights=None``;
-  the weights come from the file), and ``fxexpand:<model>`` for fxexpand's own models
+  the weights come from the file), ``timm:<model>`` for every model in timm's registry (built with
+  ``timm.create_model(name, pretrained=False)``: nothing is downloaded; needs the optional extra,
+  ``pip install 'fxexpand[timm]'``), and ``fxexpand:<model>`` for fxexpand's own models
   (:mod:`fxexpand.models`);
 * names registered in this process with :func:`register_factory`;
 * names passed in ``allow=`` (the CLI's ``--allow-factory module:function``), which the user
@@ -64,7 +66,7 @@ def register_factory(name: str, fn: Callable[..., nn.Module]) -> None:
 
 
 def allowed_factories() -> list[str]:
-    return sorted(_FACTORIES) + ["torchvision:<any model builder>", "fxexpand:SmallNet"]
+    return sorted(_FACTORIES) + ["torchvision:<any model builder>", "timm:<any timm model>", "fxexpand:SmallNet"]
 
 
 def _torchvision_builder(name: str) -> Callable[..., nn.Module] | None:
@@ -75,6 +77,31 @@ def _torchvision_builder(name: str) -> Callable[..., nn.Module] | None:
         return tvm.get_model_builder(name)
     except Exception:
         return None
+
+
+TIMM_MISSING = "pip install 'fxexpand[timm]'"
+
+
+def _timm_builder(name: str) -> Callable[..., nn.Module]:
+    """``timm.create_model(name, pretrained=False, **kwargs)``; :class:`LoadError` when timm is
+    not installed (naming the extra that installs it) or has no model ``name``."""
+    try:
+        # lazy: timm is an optional extra, and importing it takes ~4 s; only a timm: factory needs it
+        import timm
+    except ImportError as e:
+        raise LoadError(f"timm:{name} needs timm, which is not installed ({type(e).__name__}: {e}); "
+                        f"install the optional extra: {TIMM_MISSING}") from e
+    if not timm.is_model(name):
+        raise LoadError(f"timm has no model named {name!r} (see timm.list_models())")
+
+    def build(**kwargs: Any) -> nn.Module:
+        if kwargs.get("pretrained"):
+            raise LoadError(f"timm:{name} is built with pretrained=False (weights come from the file or "
+                            "from training); fxexpand never downloads weights")
+        kwargs.pop("pretrained", None)
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+    return build
 
 
 def _resolve(name: str, allow: Iterable[str]) -> Callable[..., nn.Module]:
@@ -94,6 +121,8 @@ def _resolve(name: str, allow: Iterable[str]) -> Callable[..., nn.Module]:
         if builder is None:
             raise LoadError(f"torchvision has no model builder named {fn!r}")
         return lambda **kw: builder(weights=None, **kw)
+    if pkg == "timm":
+        return _timm_builder(fn)
     if name in set(allow):
         try:
             obj = getattr(importlib.import_module(pkg), fn)
@@ -110,11 +139,15 @@ def _resolve(name: str, allow: Iterable[str]) -> Callable[..., nn.Module]:
 
 
 def build_model(spec: str, *, allow: Iterable[str] = (), **kwargs: Any) -> nn.Module:
-    """Build a model from a factory name, e.g. ``build_model("torchvision:mobilenet_v2")``."""
+    """Build a model from a factory name, e.g. ``build_model("torchvision:mobilenet_v2")`` or
+    ``build_model("timm:mobilenetv3_small_100")`` (random weights: ``weights=None`` /
+    ``pretrained=False``)."""
     fn = _resolve(spec, allow)
     try:
         model = fn(**kwargs)
     except Exception as e:
+        if isinstance(e, LoadError):
+            raise
         raise LoadError(f"model factory {spec} failed with arguments {kwargs}: {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
         raise LoadError(f"model factory {spec} returned {type(model).__name__}, not an nn.Module")

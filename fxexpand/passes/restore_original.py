@@ -9,7 +9,10 @@ node at it, so the contracted model's state_dict keys and shapes are the origina
 
 A fused bias where the original layer has none (it comes from BatchNorms inside the region) is
 absorbed into the following BatchNorm: ``BN(y + b) = BN'(y)`` with ``running_mean' = running_mean − b``.
-If no such BatchNorm follows, contraction fails with :class:`~fxexpand.core.ContractionError`.
+That BatchNorm is a module, or an inference-mode ``F.batch_norm`` whose running mean is an attribute
+read nowhere else (a BatchNorm subclass traced through in eval mode, such as timm's
+``BatchNormAct2d``: its ``running_mean`` buffer absorbs the bias). If no such BatchNorm follows,
+contraction fails with :class:`~fxexpand.core.ContractionError`.
 
 Preconditions (all regions are checked before any is rewritten, so a refusal leaves the graph
 unchanged): each region contracted to a single conv/linear whose weight shape, stride, padding,
@@ -27,12 +30,16 @@ import torch
 import torch.fx as fx
 
 from ..core import (
+    BN_FUNCS,
     ContractionError,
     Pass,
     PassResult,
     as_int_tuple,
+    attr_use_counts,
     bias_sink,
+    bn_of,
     build_layer,
+    get_attr,
     get_module,
     linear_op_of,
     module_call_counts,
@@ -42,6 +49,7 @@ from ..core import (
     register_pass,
     set_module,
     traced_regions,
+    value_users,
 )
 
 __all__ = ["RestoreOriginal"]
@@ -93,9 +101,9 @@ class RestoreOriginal(Pass):
                 if layer.bias is not None:
                     layer.bias.copy_(op.bias.detach() if op.bias is not None else torch.zeros_like(layer.bias))
                 if sink is not None:  # BN(y + b) = BN'(y) with running_mean' = running_mean - b
-                    bn = get_module(gm, sink)
-                    bn.running_mean.sub_(op.bias.detach().to(bn.running_mean.dtype))
-                    notes.append(self.note("absorbed", f"{rname} -> {sink}",
+                    mean = get_attr(gm, sink)
+                    mean.sub_(op.bias.detach().to(mean.dtype))
+                    notes.append(self.note("absorbed", f"{rname} -> {sink.removesuffix('.running_mean')}",
                                            "bias absorbed into the BatchNorm's running_mean"))
             set_module(gm, rname, layer)
             node.target = rname
@@ -121,12 +129,18 @@ class RestoreOriginal(Pass):
 
     @staticmethod
     def _bias_sink(gm, rname, node, calls) -> str:
-        """The BatchNorm that absorbs the contracted region's bias (the original layer has none)."""
+        """The running mean (its attribute path) of the BatchNorm that absorbs the contracted region's
+        bias (the original layer has none)."""
         sink, why = bias_sink(gm, node, calls)
         bn = get_module(gm, sink) if sink is not None else None
-        if bn is not None and bn.training:
+        if bn is None:
+            mean, functional_why = RestoreOriginal._functional_sink(gm, node)
+            if mean is not None:
+                return mean
+            why = functional_why or why
+        elif bn.training:
             why = f"the BatchNorm {sink} is in training mode"
-        elif bn is not None and region_of(gm, next(iter(node.users))) is not None:
+        elif region_of(gm, value_users(node)[0]) is not None:
             why = f"the BatchNorm {sink} lies in another expanded region"
         if bn is None or why:
             raise ContractionError(
@@ -134,4 +148,27 @@ class RestoreOriginal(Pass):
                 f"no BatchNorm can absorb it ({why}); expansion passes do not expand such layers, so this model was "
                 "expanded by other means or its graph changed after expansion"
             )
-        return sink
+        return f"{sink}.running_mean"
+
+    @staticmethod
+    def _functional_sink(gm, node) -> tuple[str | None, str]:
+        """``(running mean's attribute path, "")`` when ``node``'s one value user is an inference-mode
+        functional batch norm of ``node`` whose running mean is an attribute read only there (a
+        BatchNorm subclass traced through in eval mode); ``(None, reason)`` otherwise."""
+        users = value_users(node)  # shape reads (timm's `_assert(x.ndim == 4)`) are not uses
+        if len(users) != 1 or users[0].op != "call_function" or users[0].target not in BN_FUNCS:
+            return None, ""
+        user = users[0]
+        if not user.args or user.args[0] is not node:
+            return None, "the functional batch norm does not normalise its output"
+        bn, why = bn_of(gm, user)
+        if bn is None:
+            return None, f"the functional batch norm after it cannot absorb a bias: {why}"
+        means = [a for a in user.all_input_nodes if a.op == "get_attr" and get_attr(gm, a.target) is bn.running_mean]
+        if len(means) != 1:
+            return None, "the functional batch norm's running mean is not an attribute"
+        if attr_use_counts(gm)[means[0].target] != 1:
+            return None, f"the running mean {means[0].target} is read elsewhere (rule 7)"
+        if region_of(gm, user) is not None:
+            return None, "the functional batch norm lies in another expanded region"
+        return str(means[0].target), ""
