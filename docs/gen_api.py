@@ -34,7 +34,8 @@ SECTIONS = [
     ("Pass infrastructure", fxexpand, ["Pass", "PassResult", "PassManager", "Note", "register_pass",
                                        "registered_passes", "get_pass", "build_pass"]),
     ("Engine names for pass authors (fxexpand.core)", fxexpand.core, [
-        "ScopedPass", "required_arguments", "LinearOp", "linear_op_of", "bn_of", "shared_use", "bias_sink",
+        "ScopedPass", "required_arguments", "LinearOp", "linear_op_of", "bn_of", "shared_use", "value_users",
+        "is_metadata_read", "move_metadata_reads", "scale_of", "scale_as_op", "bias_sink",
         "replace_nodes_with_module", "propagate_shapes", "as_inputs", "select_targets", "compose", "sum_parallel",
         "bn_as_op", "analyse", "resize"]),
     ("Typed records (fxexpand.core)", fxexpand.core, [

@@ -10,7 +10,16 @@ Patterns (every op as ``call_module`` or ``call_function`` with constant paramet
   kernel (rule 4);
 * batch-norm branch: ``A(x) + BN(x)`` with BN in inference mode (RepVGG's identity branch) → A plus
   the per-channel affine map ``BN(x) = s·x + (β - μ·s)``, ``s = γ/√(σ²+ε)``, read as a depthwise 1x1
-  conv (or a diagonal matrix after a linear), so it joins the parallel sum.
+  conv (or a diagonal matrix after a linear), so it joins the parallel sum;
+* subtraction: ``A(x) - B(x)``, ``x - A(x)``, ``A(x) - x`` (FastViT's RepMixer subtracts its BN
+  branch) → the same sums with the subtracted op negated (``−W``, ``−b``: exact);
+* constant scale: ``A(x) * s``, ``s * A(x)``, ``A(x) / s`` with ``s`` a Python number or a constant
+  tensor (a ``get_attr``, possibly through ``view`` / ``reshape`` / ``unsqueeze``: a layer-scale
+  ``gamma``) that varies along the channel dim only (dim 1 after a conv, the last dim after a
+  linear) → a sequential pair ``A`` then the depthwise 1x1 conv / diagonal matrix with weight ``s``
+  (``1/s`` for a division); ``s·x`` beside a branch of the same input is a scale branch;
+* batch norm first: ``A(BN(x))`` with A a conv or linear → BN read as that per-channel affine first
+  op and composed (a padded A after it is refused by rule 1: the BN has a bias);
 
 Uses are counted with :func:`~fxexpand.core.value_users`: a metadata read (``y.shape``,
 ``y.size()``, ``y.dim()``, ``y.ndim``, ``len(y)``, ...) of an intermediate does not block a fusion. After
