@@ -6,16 +6,6 @@ being traced, the source line in *your* code where tracing stopped, and the two 
 offers: mark the module as a leaf (``leaf_modules=``) or fix the offending argument
 (``concrete_args=``).
 
-When timm is loaded (a timm model always loads it), the tracer also uses timm's own FX
-registrations (:func:`timm_fx_registrations`): the modules timm registers as not traceable stay
-leaf calls and the functions it registers are autowrapped (one ``call_function`` node each), as in
-timm's own FX feature extraction. The one exception is timm's BatchNorm + activation modules
-(``BatchNormAct2d`` and other ``_BatchNorm`` subclasses timm registers): timm keeps them opaque only
-because their ``forward()`` reads ``self.training``. They stay leaves in training mode, so a
-compiled graph follows ``.train()`` / ``.eval()``, and are traced through in eval mode, where the
-graph holds an ordinary ``F.batch_norm(..., training=False)`` and the activation, which contraction
-can fold.
-
 The returned GraphModule shares parameters with ``model`` (as ``torch.fx.symbolic_trace`` does);
 :func:`fxexpand.compile` and :func:`fxexpand.contract` trace a deep copy, so they never touch it.
 """
@@ -23,9 +13,8 @@ The returned GraphModule shares parameters with ``model`` (as ``torch.fx.symboli
 from __future__ import annotations
 
 import os
-import sys
 import traceback
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
@@ -36,61 +25,19 @@ from .dynamic import DynamicLayer
 from .modules import DecayActivation, GradientScale
 from .provenance import ExpandedRegion, find_regions, set_traced_regions
 
-__all__ = ["trace", "trace_with_calls", "ModuleCall", "timm_fx_registrations"]
+__all__ = ["trace", "trace_with_calls", "ModuleCall"]
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(__file__) + os.sep
 
 
-# where timm keeps its FX registrations, newest layout first: timm >= 1.0 (getters in timm.layers),
-# 0.9 (timm.models._features_fx), <= 0.8 (timm.models.fx_features, module-level sets only)
-_TIMM_FX_MODULES = ("timm.layers._fx", "timm.models._features_fx", "timm.models.fx_features")
-
-
-def timm_fx_registrations() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
-    """timm's FX registrations: ``(leaf module classes, functions to autowrap)``.
-
-    Read from the installed timm at each call (timm modules register themselves when imported), and
-    only when timm is already loaded: a model that contains timm code has loaded it, and a model
-    that does not needs none of timm's registrations, so fxexpand never imports timm (about 4 s)
-    itself. ``((), ())`` when timm is not loaded or exposes none of the known layouts.
-    """
-    if "timm" not in sys.modules:
-        return (), ()
-    for name in _TIMM_FX_MODULES:
-        mod = sys.modules.get(name)
-        if mod is None:
-            continue
-        if hasattr(mod, "get_notrace_modules") and hasattr(mod, "get_notrace_functions"):
-            modules, functions = mod.get_notrace_modules(), mod.get_notrace_functions()
-        elif hasattr(mod, "_leaf_modules") and hasattr(mod, "_autowrap_functions"):
-            modules, functions = mod._leaf_modules, mod._autowrap_functions
-        else:
-            continue
-        leaves = tuple(m for m in modules if isinstance(m, type) and issubclass(m, nn.Module))
-        # timm also accepts names here; torch.fx autowraps function objects only
-        wrapped = tuple(f for f in functions if callable(f) and hasattr(f, "__globals__"))
-        return leaves, wrapped
-    return (), ()
-
-
-def _timm_leaves() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """timm's leaf classes split into ``(always leaves, leaves in training mode only)``: the second
-    are its BatchNorm subclasses (BatchNormAct2d, ...), opaque to timm only because they read
-    ``self.training``."""
-    leaves, _ = timm_fx_registrations()
-    bn = nn.modules.batchnorm._BatchNorm
-    return (tuple(t for t in leaves if not issubclass(t, bn)), tuple(t for t in leaves if issubclass(t, bn)))
-
-
 class _FxExpandTracer(fx.Tracer):
     # defaults: torch.fx rebuilds a pickled GraphModule by tracing with ``tracer_cls()`` (no arguments)
     def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset()):
-        super().__init__(autowrap_functions=timm_fx_registrations()[1])
+        super().__init__()
         self._leaf_types = leaf_types
         self._leaf_names = leaf_names
-        self._timm_leaf_types, self._timm_train_leaf_types = _timm_leaves()
         self.failed_module: tuple[str, str] | None = None
         # every module call seen while tracing: (qualified name, module, first input node, output
         # node, index of the first node created by the call, index after the last one)
@@ -101,37 +48,34 @@ class _FxExpandTracer(fx.Tracer):
             return True
         if module_qualified_name in self._leaf_names:
             return True
-        if self._timm_leaf_types and isinstance(m, self._timm_leaf_types):
-            return True
-        if self._timm_train_leaf_types and isinstance(m, self._timm_train_leaf_types) and m.training:
-            return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def trace(self, root, concrete_args=None):
-        self._tensor_names = None  # the root's tensors by identity, built at the first attribute read
+        self._tensor_names = None  # the root's tensors by identity, built at the first lookup
         return super().trace(root, concrete_args)
 
+    def _tensor_name(self, t: torch.Tensor) -> str | None:
+        """The qualified name of a parameter or buffer of the root, through an index: torch.fx finds it
+        by walking every parameter / buffer of the root, once per attribute read (``getattr``) and once
+        per tensor argument (``create_arg``), which made tracing quadratic in the model's size (timm's
+        ``BatchNormAct2d`` reads its four tensors as attributes and passes them to ``F.batch_norm``:
+        6 of the 7 s of tracing mobileone_s0). Same answer: the first name ``named_parameters()`` /
+        ``named_buffers()`` gives for that tensor object."""
+        if not isinstance(getattr(self, "root", None), nn.Module):
+            return None
+        names = getattr(self, "_tensor_names", None)
+        if names is None:
+            names = {}
+            for n, p in self.root.named_parameters():
+                names.setdefault(("p", id(p)), n)
+            for n, b in self.root.named_buffers():
+                names.setdefault(("b", id(b)), n)
+            self._tensor_names = names
+        return names.get(("p" if isinstance(t, nn.Parameter) else "b", id(t)))
+
     def getattr(self, attr, attr_val, parameter_proxy_cache):
-        """torch.fx's attribute lookup with an index: torch.fx finds the qualified name of a
-        parameter or buffer read as ``self.<name>`` by walking every parameter of the root, once per
-        read, which made tracing quadratic in the model's size (timm's ``BatchNormAct2d`` reads its
-        four tensors as attributes: 5 s of a 6 s trace of mobileone_s0). Same result: the first name
-        ``named_parameters()`` / ``named_buffers()`` gives for that tensor, one proxy per name."""
-        if isinstance(attr_val, torch.Tensor) and isinstance(getattr(self, "root", None), nn.Module):
-            names = getattr(self, "_tensor_names", None)
-            if names is None:
-                names = {}
-                for n, p in self.root.named_parameters():
-                    names.setdefault(("p", id(p)), n)
-                for n, b in self.root.named_buffers():
-                    names.setdefault(("b", id(b)), n)
-                self._tensor_names = names
-            if isinstance(attr_val, nn.Parameter):
-                name = names.get(("p", id(attr_val)))
-            elif self.proxy_buffer_attributes:
-                name = names.get(("b", id(attr_val)))
-            else:
-                name = None
+        if isinstance(attr_val, torch.Tensor) and (isinstance(attr_val, nn.Parameter) or self.proxy_buffer_attributes):
+            name = self._tensor_name(attr_val)
             if name is not None:
                 if name not in parameter_proxy_cache:
                     factory = None
@@ -141,6 +85,13 @@ class _FxExpandTracer(fx.Tracer):
                                                                     proxy_factory_fn=factory)
                 return parameter_proxy_cache[name]
         return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_arg(self, a):
+        if isinstance(a, torch.Tensor):
+            name = self._tensor_name(a)
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
 
     def call_module(self, m, forward, args, kwargs):
         try:
