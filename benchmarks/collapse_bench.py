@@ -1,8 +1,9 @@
 """Training cost of ExpandNets models run explicitly vs collapsed vs the original (issue: online collapse).
 
-For each model and ExpandNets mode (CL, CK, FC; ratio 4, the paper's; "-conv": convolutions only,
-"CL-3x3": only the k×k convs, the paper's MobileNet setting): one training step (forward,
-backward, SGD step) of
+For each model and ExpandNets mode (CL, CK, FC: ``fxexpand.recipes.expandnets``, ratio 4 and the
+layers the paper expands — every k×k conv of a plain CNN, only the non-residual 3x3 convs of
+MobileNetV2, hidden FC layers; "-all": every eligible layer including 1x1 convs and the logit
+layer, ``layers="all"``): one training step (forward, backward, SGD step) of
 
 * the original model,
 * the expanded model with ``train_mode="explicit"`` (every chain runs as its layers),
@@ -42,9 +43,7 @@ from _common import ROOT, machine_info, peak_rss_growth  # noqa: E402
 import fxexpand  # noqa: E402
 from fxexpand.core import find_regions  # noqa: E402
 from fxexpand.core.collapse import compose_chain  # noqa: E402
-from fxexpand.demo import DigitsNet  # noqa: E402
-from fxexpand.models import SmallNet  # noqa: E402
-from fxexpand.passes import LinearExpand  # noqa: E402
+from fxexpand.models import SmallNet, TinyConv1d  # noqa: E402
 
 VARIANTS = ("original", "explicit", "collapsed")
 
@@ -52,41 +51,37 @@ VARIANTS = ("original", "explicit", "collapsed")
 def _cases(quick: bool) -> list[tuple[str, str, int, int]]:
     """(model, mode, input side, batch)."""
     if quick:
-        return [("smallnet", "CL", 32, 8), ("digits_tiny_cnn", "FC", 8, 16)]
+        return [("smallnet", "CL", 32, 8), ("demo_tiny_conv1d", "FC", 40, 16)]
     cases = []
-    for mode in ("CL", "CL-conv", "CK", "CK-conv", "FC"):
+    for mode in ("CL", "CK", "FC", "CL-all"):
         cases.append(("smallnet", mode, 32, 32))
-    for side in (64, 112):
-        for mode in ("CL", "CL-conv", "CL-3x3", "FC"):
+    for side in (64, 112):  # MobileNetV2 has no hidden FC layer: FC expands nothing there
+        for mode in ("CL", "CL-all"):
             cases.append(("mobilenet_v2_0.35", mode, side, 16))
-    for mode in ("CL", "CL-conv", "FC"):
-        cases.append(("digits_tiny_cnn", mode, 8, 64))
+    for mode in ("CL", "CK", "FC", "CL-all"):
+        cases.append(("demo_tiny_conv1d", mode, 40, 64))
     return cases
 
 
 def _passes(mode: str) -> list:
-    """ExpandNets recipes: "CL"/"CK" expand every eligible conv and every Linear (fxexpand's recipe),
-    "-conv" only the convs, "CL-3x3" only the k×k (k > 1) convs — the paper's MobileNet setting."""
-    if mode == "CL-3x3":
-        return [LinearExpand(mode="CL", targets=lambda name, m: tuple(m.kernel_size) != (1,) * len(m.kernel_size))]
-    if mode.endswith("-conv"):
-        return fxexpand.recipes.expandnets(mode[:2], fc=False)
+    """ExpandNets recipes: "CL"/"CK"/"FC" the paper's layers (the recipe's default), "-all" every layer."""
+    if mode.endswith("-all"):
+        return fxexpand.recipes.expandnets(mode[:2], layers="all")
     return fxexpand.recipes.expandnets(mode)
 
 
 def _model(name: str) -> torch.nn.Module:
     if name == "smallnet":
         return SmallNet()
-    if name == "digits_tiny_cnn":
-        return DigitsNet()
+    if name == "demo_tiny_conv1d":
+        return TinyConv1d(width=4)
     return torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=10)
 
 
 def _build(name: str, mode: str, side: int, batch: int):
     torch.manual_seed(0)
     model = _model(name)
-    cin = 1 if name == "digits_tiny_cnn" else 3
-    x = torch.randn(batch, cin, side, side)
+    x = torch.randn(batch, 1, side) if name == "demo_tiny_conv1d" else torch.randn(batch, 3, side, side)
     y = torch.randint(0, 10, (batch,))
     expanded = fxexpand.compile(model, passes=_passes(mode), example_inputs=(x[:2],))
     explicit = copy.deepcopy(expanded)

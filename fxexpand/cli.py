@@ -114,14 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--full", action="store_true", help="the documented run: every method, 10 seeds, LR tuning")
     d.add_argument("--seeds", type=int, default=None, help="paired seeds (default 3; --full 10)")
-    d.add_argument("--epochs", type=int, default=30, help="base epochs E (default 30; protocols run multiples)")
+    d.add_argument("--epochs", type=int, default=20, help="base epochs E (default 20; protocols run multiples)")
     d.add_argument("--methods", default=None,
                    help="comma-separated methods (default: vanilla ladder + one per method); choices: "
                         + ", ".join(demo.METHODS))
     d.add_argument("--tune", action="store_true", help="tune each method's learning rate on the validation split")
     d.add_argument("--dataset", default="mnist1d", choices=["mnist1d", "digits"], help="dataset (default mnist1d)")
     d.add_argument("--width", type=int, default=None, help="tiny model width (default 4 for mnist1d, 12 for digits)")
-    d.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    d.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
     d.add_argument("--workers", type=int, default=2, help="training processes (default 2, one thread each)")
     d.add_argument("--out", default="fxexpand-demo", help="directory for demo.json and demo.png (default ./fxexpand-demo)")
     d.add_argument("--exits", action="store_true",

@@ -62,7 +62,7 @@ def train_variant(task: dict) -> dict:
     xb = d.x_train[:64]
     model = api.compile(tiny, passes=early_exits(boost=task["variant"] == "boosted", seed=task["seed"]),
                         example_inputs=(xb,))
-    loader = _Loader(d.x_train, d.y_train, 64, task["seed"])
+    loader = _Loader(d.x_train, d.y_train, 128, task["seed"])
     opt, sched = _optimizer(task["lr"])(model.parameters(), task["epochs"] * len(loader))
     t0 = time.perf_counter()
     Trainer(model, opt, epochs=task["epochs"], decay_fraction=0.0, lr_scheduler=sched,
@@ -74,7 +74,7 @@ def train_variant(task: dict) -> dict:
     return {**task, "seconds": seconds, "anytime": anytime, "budget_curve": curve}
 
 
-def run(*, seeds: int = 3, epochs: int = 30, width: int = 4, lr: float = 0.05, workers: int = 2,
+def run(*, seeds: int = 3, epochs: int = 20, width: int = 4, lr: float = 0.1, workers: int = 2,
         progress: Callable[[str], None] | None = None) -> ExitsReport:
     """Train both variants for every seed and summarise (see the module docstring)."""
     say = progress or (lambda m: None)

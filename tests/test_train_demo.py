@@ -6,7 +6,7 @@ from torch import nn
 
 import fxexpand
 from fxexpand.cli import main
-from fxexpand.demo import DigitsNet, load_digits, run_demo
+from fxexpand.demo import DigitsNet, load_digits
 from fxexpand.train import DecaySchedule, Trainer, unwrap
 
 
@@ -37,21 +37,31 @@ def test_trainer_runs_the_schedule_and_contracts():
     assert unwrap(nn.DataParallel(e)) is e
 
 
-def test_demo_small_run(capsys):
-    results = run_demo(epochs=2, seeds=1, recipes=("vanilla", "netbooster", "expandnets"))
-    assert [r.recipe for r in results] == ["vanilla", "netbooster", "expandnets"]
-    base = results[0]
-    for r in results:
-        assert 0.0 <= r.accuracies[0] <= 1.0 and r.latency_ms > 0
-        assert r.parameters == base.parameters and r.flops == base.flops  # contracted to the tiny CNN
-    assert results[1].max_rel_error64 <= 1e-9 and results[2].max_rel_error64 <= 1e-9
-    assert results[1].train_parameters > base.parameters
-
-
 def test_demo_cli_help_and_bad_args(capsys):
     with pytest.raises(SystemExit) as ei:
         main(["demo", "--help"])
     assert ei.value.code == 0
     out = capsys.readouterr().out
-    assert "--epochs" in out and "--seeds" in out and "--recipe" in out
+    assert "--epochs" in out and "--seeds" in out and "--methods" in out and "--full" in out
     assert main(["demo", "--epochs", "0"]) == 2
+
+
+def test_decay_fraction_zero_leaves_alpha_alone():
+    e = fxexpand.compile(DigitsNet(), passes=fxexpand.recipes.netbooster())
+    sched = DecaySchedule(e, epochs=4, steps_per_epoch=3, decay_fraction=0.0)
+    assert sched.linear is None and [sched.step() for _ in range(12)] == [0.0] * 12
+    fxexpand.set_decay(e, 1.0)
+    assert sched.alpha == 1.0
+    with pytest.raises(ValueError):
+        DecaySchedule(e, epochs=4, steps_per_epoch=3, decay_fraction=-0.1)
+
+
+def test_trainer_steps_the_lr_scheduler_per_step():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    loader = [(torch.randn(4, 3), torch.randint(0, 2, (4,)))] * 5
+    Trainer(model, opt, epochs=2, lr_scheduler=sched, scheduler_interval="step").fit(loader)
+    assert sched.last_epoch == 10
+    with pytest.raises(ValueError):
+        Trainer(model, opt, epochs=1, scheduler_interval="batch")

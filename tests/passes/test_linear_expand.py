@@ -50,14 +50,15 @@ class ExpectedCL(nn.Module):
 
 
 class ExpectedCK(nn.Module):
-    """Only the 7x7 conv: three 3x3 convs, padding on the first, stride on the last; 3x3 is refused."""
+    """Only the 7x7 conv: three 3x3 convs, padding on the first, stride on the last; 3x3 is refused.
+    Widths as in the paper (Sec. 3.1): p_1 = r·m = 10, p_2 = r·n = 8 (r = 2, m = 5, n = 4)."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
         self.k1 = nn.Conv2d(5, 10, 3, padding=3, bias=False)
-        self.k2 = nn.Conv2d(10, 10, 3, bias=False)
-        self.k3 = nn.Conv2d(10, 4, 3, stride=2, bias=False)
+        self.k2 = nn.Conv2d(10, 8, 3, bias=False)
+        self.k3 = nn.Conv2d(8, 4, 3, stride=2, bias=False)
         self.fc = nn.Linear(4, 6)
 
     def forward(self, x):
