@@ -16,6 +16,9 @@ from fxexpand.testing import randomize_bn, rel_error
 timm = pytest.importorskip("timm")
 
 PARITY_MODELS = ["repvgg_a0", "mobileone_s0", "fastvit_t8", "repghostnet_050", "repvit_m0_9"]
+#: the other block families of issue 16: GhostNet-v3 (re-parameterisable ghost modules), SHViT
+#: (residual depthwise conv-BN)
+OTHER_FAMILIES = ["ghostnetv3_050", "shvit_s1"]
 
 
 def _convs(model: nn.Module) -> int:
@@ -26,7 +29,7 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", PARITY_MODELS)
+@pytest.mark.parametrize("name", PARITY_MODELS + OTHER_FAMILIES)
 def test_deploy_contraction_matches_timm_reparameterize(name):
     torch.manual_seed(0)
     model = randomize_bn(timm.create_model(name, pretrained=False)).double().eval()
