@@ -74,6 +74,14 @@ from ..core import (
 __all__ = ["FuseLinear"]
 
 
+def _same_meta(a: fx.Node, b: fx.Node) -> bool:
+    """Whether two values have the same recorded shape and dtype (a constant scale must not
+    broadcast to a new shape or promote the dtype: ``float32_conv(x) * float64_gamma`` is float64)."""
+    ma, mb = a.meta.get("tensor_meta"), b.meta.get("tensor_meta")
+    return (ma is not None and mb is not None and getattr(ma, "shape", None) is not None
+            and tuple(ma.shape) == tuple(getattr(mb, "shape", ())) and ma.dtype == getattr(mb, "dtype", None))
+
+
 @register_pass("fuse_linear")
 @dataclass(kw_only=True)
 class FuseLinear(ScopedPass):
@@ -159,7 +167,7 @@ class FuseLinear(ScopedPass):
         first, _ = linear_op_of(gm, prev)
         if first is not None and second is None:
             second = scale_as_op(scale[1], first, out_shape(node))
-            if second is None or out_shape(prev) != out_shape(node):
+            if second is None or not _same_meta(prev, node):
                 return None
         elif first is None and second is not None:
             first = self._bn_branch(gm, prev, second, uses, as_input=True)
@@ -234,7 +242,7 @@ class FuseLinear(ScopedPass):
                 scale = scale_of(gm, other)
                 if scale is not None and scale[0] is node_input(lin) and scale[0] is not None:
                     branch = scale_as_op(scale[1], op, out_shape(other))
-                    if branch is not None and out_shape(other) == out_shape(lin):
+                    if branch is not None and _same_meta(other, lin) and _same_meta(scale[0], lin):
                         ops[other] = branch
         ops = {n: (negate(op) if sign[n] < 0 else op) for n, op in ops.items()}
         shape = out_shape(node)

@@ -451,6 +451,23 @@ def test_negative_scale_along_a_spatial_dim_is_not_fused():
     assert not res.modified and res.graph_module.code == before
 
 
+def test_negative_scale_that_promotes_the_dtype_is_not_fused():
+    class Promotes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.register_buffer("s", torch.rand(4, 1, 1, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.conv(x) * self.s  # float32 * float64 is float64
+
+    model = Promotes()
+    gm = fxexpand.trace(model)
+    propagate_shapes(gm, (torch.randn(1, 3, 5, 5),))
+    res = FuseLinear()(gm)
+    assert not res.modified
+
+
 class BNFirst(nn.Module):
     """RepViT's classifier: BatchNorm1d then Linear; and BN before a 1x1 / an unpadded / a padded conv."""
 
