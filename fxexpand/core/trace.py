@@ -6,6 +6,16 @@ being traced, the source line in *your* code where tracing stopped, and the two 
 offers: mark the module as a leaf (``leaf_modules=``) or fix the offending argument
 (``concrete_args=``).
 
+When timm is loaded (a timm model always loads it), the tracer also uses timm's own FX
+registrations (:func:`timm_fx_registrations`): the modules timm registers as not traceable stay
+leaf calls and the functions it registers are autowrapped (one ``call_function`` node each), as in
+timm's own FX feature extraction. The one exception is timm's BatchNorm + activation modules
+(``BatchNormAct2d`` and other ``_BatchNorm`` subclasses timm registers): timm keeps them opaque only
+because their ``forward()`` reads ``self.training``. They stay leaves in training mode, so a
+compiled graph follows ``.train()`` / ``.eval()``, and are traced through in eval mode, where the
+graph holds an ordinary ``F.batch_norm(..., training=False)`` and the activation, which contraction
+can fold.
+
 The returned GraphModule shares parameters with ``model`` (as ``torch.fx.symbolic_trace`` does);
 :func:`fxexpand.compile` and :func:`fxexpand.contract` trace a deep copy, so they never touch it.
 """
@@ -13,8 +23,9 @@ The returned GraphModule shares parameters with ``model`` (as ``torch.fx.symboli
 from __future__ import annotations
 
 import os
+import sys
 import traceback
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -25,19 +36,61 @@ from .dynamic import DynamicLayer
 from .modules import DecayActivation, GradientScale
 from .provenance import ExpandedRegion, find_regions, set_traced_regions
 
-__all__ = ["trace", "trace_with_calls", "ModuleCall"]
+__all__ = ["trace", "trace_with_calls", "ModuleCall", "timm_fx_registrations"]
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(__file__) + os.sep
 
 
+# where timm keeps its FX registrations, newest layout first: timm >= 1.0 (getters in timm.layers),
+# 0.9 (timm.models._features_fx), <= 0.8 (timm.models.fx_features, module-level sets only)
+_TIMM_FX_MODULES = ("timm.layers._fx", "timm.models._features_fx", "timm.models.fx_features")
+
+
+def timm_fx_registrations() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    """timm's FX registrations: ``(leaf module classes, functions to autowrap)``.
+
+    Read from the installed timm at each call (timm modules register themselves when imported), and
+    only when timm is already loaded: a model that contains timm code has loaded it, and a model
+    that does not needs none of timm's registrations, so fxexpand never imports timm (about 4 s)
+    itself. ``((), ())`` when timm is not loaded or exposes none of the known layouts.
+    """
+    if "timm" not in sys.modules:
+        return (), ()
+    for name in _TIMM_FX_MODULES:
+        mod = sys.modules.get(name)
+        if mod is None:
+            continue
+        if hasattr(mod, "get_notrace_modules") and hasattr(mod, "get_notrace_functions"):
+            modules, functions = mod.get_notrace_modules(), mod.get_notrace_functions()
+        elif hasattr(mod, "_leaf_modules") and hasattr(mod, "_autowrap_functions"):
+            modules, functions = mod._leaf_modules, mod._autowrap_functions
+        else:
+            continue
+        leaves = tuple(m for m in modules if isinstance(m, type) and issubclass(m, nn.Module))
+        # timm also accepts names here; torch.fx autowraps function objects only
+        wrapped = tuple(f for f in functions if callable(f) and hasattr(f, "__globals__"))
+        return leaves, wrapped
+    return (), ()
+
+
+def _timm_leaves() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """timm's leaf classes split into ``(always leaves, leaves in training mode only)``: the second
+    are its BatchNorm subclasses (BatchNormAct2d, ...), opaque to timm only because they read
+    ``self.training``."""
+    leaves, _ = timm_fx_registrations()
+    bn = nn.modules.batchnorm._BatchNorm
+    return (tuple(t for t in leaves if not issubclass(t, bn)), tuple(t for t in leaves if issubclass(t, bn)))
+
+
 class _FxExpandTracer(fx.Tracer):
     # defaults: torch.fx rebuilds a pickled GraphModule by tracing with ``tracer_cls()`` (no arguments)
     def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset()):
-        super().__init__()
+        super().__init__(autowrap_functions=timm_fx_registrations()[1])
         self._leaf_types = leaf_types
         self._leaf_names = leaf_names
+        self._timm_leaf_types, self._timm_train_leaf_types = _timm_leaves()
         self.failed_module: tuple[str, str] | None = None
         # every module call seen while tracing: (qualified name, module, first input node, output
         # node, index of the first node created by the call, index after the last one)
@@ -47,6 +100,10 @@ class _FxExpandTracer(fx.Tracer):
         if self._leaf_types and isinstance(m, self._leaf_types):
             return True
         if module_qualified_name in self._leaf_names:
+            return True
+        if self._timm_leaf_types and isinstance(m, self._timm_leaf_types):
+            return True
+        if self._timm_train_leaf_types and isinstance(m, self._timm_train_leaf_types) and m.training:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
