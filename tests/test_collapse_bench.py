@@ -13,7 +13,7 @@ def test_collapse_benchmark_quick_mode(tmp_path):
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "collapse_bench_quick.json").read_text())
-    assert [(r["model"], r["mode"]) for r in res["rows"]] == [("smallnet", "CL"), ("digits_tiny_cnn", "FC")]
+    assert [(r["model"], r["mode"]) for r in res["rows"]] == [("smallnet", "CL"), ("demo_tiny_conv1d", "FC")]
     for r in res["rows"]:
         assert r["time_ratio"]["original"] == 1.0 and set(r["time_ratio"]) == {"original", "explicit", "collapsed"}
         assert r["collapsed_regions"] == r["regions"] > 0
