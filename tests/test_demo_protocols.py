@@ -261,6 +261,24 @@ def test_demo_tuning_uses_the_validation_split_only():
     assert [r["split"] for r in rep.runs] == ["test"] and rep.runs[0]["lr"] == rep.tuning["vanilla"]["chosen"]
 
 
+def test_a_diverged_run_is_recorded_not_a_crash(monkeypatch):
+    real_run = protocols.run
+
+    def diverge(model, *args, **kwargs):
+        real_run(model, *args, **kwargs)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(protocols, "run", diverge)
+    task = dict(dataset="mnist1d", width=4, epochs=1, batch_size=128, method="expandnets-ck", seed=0, lr=0.1,
+                split="val")
+    r = demo.train_run(task)
+    assert r["diverged"] is True and r["accuracy"] <= 0.2 and r["max_rel_error64"] == 0.0
+    monkeypatch.setattr(protocols, "run", real_run)
+    assert demo.train_run(task)["diverged"] is False
+
+
 def test_demo_bad_args(capsys):
     assert main(["demo", "--methods", "vanilla,magic", "--epochs", "1"]) == 2
     assert "unknown methods" in capsys.readouterr().err

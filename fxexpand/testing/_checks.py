@@ -69,7 +69,9 @@ def _expansions() -> dict[str, Callable[[], list]]:
             InsertInvertedResidual(fraction=1.0, ratio=2, kernel_size="match", shortcut=False),
             DecayActivations(kind="blend")],
         "expandnets-cl": lambda: recipes.expandnets("CL", ratio=2),
+        "expandnets-cl-all": lambda: recipes.expandnets("CL", ratio=2, layers="all"),
         "expandnets-ck": lambda: recipes.expandnets("CK", ratio=2, fc=False),
+        "expandnets-ck-init": lambda: recipes.expandnets("CK", ratio=2, init="nonlinear"),
         "expandnets-fc2": lambda: [LinearExpand(mode="FC", ratio=2, fc_layers=2)],
         "expandnets-cl-preserve": lambda: [LinearExpand(mode="CL", ratio=2, init="preserve", fraction=0.5)],
     }
