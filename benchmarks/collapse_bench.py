@@ -1,9 +1,10 @@
 """Training cost of ExpandNets models run explicitly vs collapsed vs the original (issue: online collapse).
 
-For each model and ExpandNets mode (CL, CK, FC: ``fxexpand.recipes.expandnets``, ratio 4 and the
-layers the paper expands — every k×k conv of a plain CNN, only the non-residual 3x3 convs of
-MobileNetV2, hidden FC layers; "-all": every eligible layer including 1x1 convs and the logit
-layer, ``layers="all"``): one training step (forward, backward, SGD step) of
+For each model and ExpandNets mode — the paper's names: CL and CK expand the convolutions, FC the
+fully-connected layers, CL+FC / CK+FC both (``fxexpand.recipes.expandnets``, ratio 4, the layers the
+paper expands: every k×k conv of a plain CNN, only the non-residual 3x3 convs of MobileNetV2, the
+hidden FC layers); "-all": every eligible layer including 1x1 convs and the logit layer
+(``layers="all"``) — one training step (forward, backward, SGD step) of
 
 * the original model,
 * the expanded model with ``train_mode="explicit"`` (every chain runs as its layers),
@@ -53,21 +54,22 @@ def _cases(quick: bool) -> list[tuple[str, str, int, int]]:
     if quick:
         return [("smallnet", "CL", 32, 8), ("demo_tiny_conv1d", "FC", 40, 16)]
     cases = []
-    for mode in ("CL", "CK", "FC", "CL-all"):
+    for mode in ("CL", "CK", "FC", "CL+FC", "CK+FC"):
         cases.append(("smallnet", mode, 32, 32))
     for side in (64, 112):  # MobileNetV2 has no hidden FC layer: FC expands nothing there
         for mode in ("CL", "CL-all"):
             cases.append(("mobilenet_v2_0.35", mode, side, 16))
-    for mode in ("CL", "CK", "FC", "CL-all"):
+    for mode in ("CL", "CK", "FC", "CK+FC"):
         cases.append(("demo_tiny_conv1d", mode, 40, 64))
     return cases
 
 
 def _passes(mode: str) -> list:
-    """ExpandNets recipes: "CL"/"CK"/"FC" the paper's layers (the recipe's default), "-all" every layer."""
+    """ExpandNets recipes with the paper's layers: "CL"/"CK" convs only, "FC" FC only, "+FC" both;
+    "-all" every eligible layer (convs and Linear layers)."""
     if mode.endswith("-all"):
         return fxexpand.recipes.expandnets(mode[:2], layers="all")
-    return fxexpand.recipes.expandnets(mode)
+    return fxexpand.recipes.expandnets(mode[:2], fc=mode.endswith("+FC"))
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -166,7 +168,7 @@ def run(quick: bool, rounds: int, mem_steps: int) -> dict:
         rss = {v: _rss(case, v, mem_steps) for v in VARIANTS}
         compose = _compose_ms(models["collapsed"], rounds)
         rows.append({
-            "model": name, "mode": mode, "input": [batch, x.shape[1], side, side], "regions": len(regions),
+            "model": name, "mode": mode, "input": list(x.shape), "regions": len(regions),
             "collapsed_regions": n_coll,
             "step_ms": {v: round(1000 * t, 3) for v, t in med.items()},
             "time_ratio": {v: round(med[v] / med["original"], 3) for v in VARIANTS},
