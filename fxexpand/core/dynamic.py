@@ -18,13 +18,17 @@ BatchNorm (:class:`DynamicBatchNorm`): running statistics describe the *tiny* mo
 configuration the layer is an ordinary BatchNorm on its base channels; in an augmented
 configuration (``augmented=True``, set for every layer at once) it normalises with the batch's own
 statistics and leaves the running statistics untouched, in training and in eval mode, because the
-tiny model's channels see different inputs inside a wider model.
+tiny model's channels see different inputs inside a wider model. A BatchNorm followed by its own
+parameter-free ``drop`` and ``act`` modules (timm's ``BatchNormAct2d``: ``act(drop(bn(x)))``) is
+made dynamic the same way and applies them after the slice; :meth:`DynamicBatchNorm.extract`
+returns that class again.
 
 fxexpand's tracer keeps every :class:`DynamicLayer` as one call (a leaf), so contraction sees them.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import torch
@@ -33,7 +37,7 @@ from torch import nn
 from torch.nn.modules.utils import _reverse_repeat_tuple
 
 __all__ = ["DynamicLayer", "DynamicConv", "DynamicLinear", "DynamicBatchNorm", "DynamicLayerNorm", "Segment",
-           "DYNAMIC_SOURCES"]
+           "DYNAMIC_SOURCES", "norm_act_parts"]
 
 #: (group id, largest width, features per channel)
 Segment = tuple[str, int, int]
@@ -240,11 +244,45 @@ class DynamicLinear(DynamicLayer):
         return DynamicConv.permuters(self, group, perm)  # same layout: rows = outputs, columns = inputs
 
 
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BN_TENSORS = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
+def norm_act_parts(mod: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(drop, act)`` of a BatchNorm subclass made of a batch norm followed by parameter-free
+    ``drop`` and ``act`` submodules and nothing else (timm's ``BatchNormAct2d``, whose forward is
+    ``act(drop(batch_norm(x)))``); None for any other module (plain BatchNorms included)."""
+    if not isinstance(mod, nn.modules.batchnorm._BatchNorm) or type(mod) in _BN_TYPES:
+        return None
+    children = dict(mod.named_children())
+    if set(children) != {"drop", "act"}:
+        return None
+    if any(True for c in children.values() for _ in (*c.parameters(), *c.buffers())):
+        return None
+    own = {n for n, _ in mod.named_parameters(recurse=False)} | {n for n, _ in mod.named_buffers(recurse=False)}
+    if not own <= _BN_TENSORS:
+        return None
+    return children["drop"], children["act"]
+
+
 class DynamicBatchNorm(DynamicLayer):
-    """A ``BatchNorm1d/2d/3d`` on its input's channels; running statistics belong to the base model."""
+    """A ``BatchNorm1d/2d/3d`` on its input's channels; running statistics belong to the base model.
+    Also a BatchNorm + activation module (:func:`norm_act_parts`): its ``drop`` and ``act`` follow."""
+
+    @staticmethod
+    def accepts(mod: nn.Module) -> bool:
+        """Whether ``mod`` can become a :class:`DynamicBatchNorm`."""
+        return type(mod) in _BN_TYPES or norm_act_parts(mod) is not None
 
     def __init__(self, original: nn.Module, in_spec: list[Segment], base: dict[str, int], max_c: int):
         super().__init__(original, in_spec, None, base)
+        parts = norm_act_parts(original)
+        # the subclass's structure without its tensors (rebuilt by extract()); not a submodule, so
+        # it adds nothing to state_dict; drop and act are parameter-free submodules
+        self._norm_act_template = None
+        if parts is not None:
+            self.drop, self.act = copy.deepcopy(parts[0]), copy.deepcopy(parts[1])
+            object.__setattr__(self, "_norm_act_template", copy.deepcopy(original).to("meta"))
         self.eps, self.momentum = original.eps, original.momentum
         self.affine, self.track_running_stats = original.affine, original.track_running_stats
         self.weight = _param_like(original.weight, (max_c,))
@@ -259,6 +297,10 @@ class DynamicBatchNorm(DynamicLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = None if self.weight is None else self._in_cols(self.weight, 0)
         b = None if self.bias is None else self._in_cols(self.bias, 0)
+        y = self._normalise(x, w, b)
+        return y if self._norm_act_template is None else self.act(self.drop(y))
+
+    def _normalise(self, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
         if self.augmented or self.running_mean is None:
             # an augmented model: its own batch statistics; the tiny model's running statistics stay
             return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
@@ -282,9 +324,12 @@ class DynamicBatchNorm(DynamicLayer):
     def extract(self) -> nn.Module:
         base = self.base_widths
         c = self._width_of(base)[1]
-        with torch.device("meta"):
-            m = self.original_cls(c, eps=self.eps, momentum=self.momentum, affine=self.affine,
-                                  track_running_stats=self.track_running_stats)
+        if self._norm_act_template is not None:  # the original subclass (at base width: it was the tiny layer)
+            m = copy.deepcopy(self._norm_act_template)
+        else:
+            with torch.device("meta"):
+                m = self.original_cls(c, eps=self.eps, momentum=self.momentum, affine=self.affine,
+                                      track_running_stats=self.track_running_stats)
         ref = self.weight if self.weight is not None else self.running_mean
         m = m.to_empty(device=ref.device if ref is not None else "cpu")
         with torch.no_grad():

@@ -6,7 +6,9 @@ called from exactly one place (rule 7). Selection modes (the ``targets`` argumen
 * ``None``: an evenly spaced ``fraction`` of the eligible layers, in execution order;
 * ``"blocks"``: NetBooster's setting — an evenly spaced ``fraction`` of the model's repeated
   blocks (torchvision ``InvertedResidual`` / MnasNet ``_InvertedResidual`` / EfficientNet
-  ``MBConv`` / ResNet ``Bottleneck`` and ``BasicBlock`` / ShuffleNet ``InvertedResidual``, or any
+  ``MBConv`` / ResNet ``Bottleneck`` and ``BasicBlock`` / ShuffleNet ``InvertedResidual``; timm's
+  EfficientNet / MobileNetV3 / MobileNetV4 blocks ``DepthwiseSeparableConv``, ``InvertedResidual``,
+  ``UniversalInvertedResidual``, ``EdgeResidual``, ``CondConvResidual``, ``ConvBnAct``; or any
   module whose class name ends in ``Block``), and in each the first eligible layer (the first
   pointwise one if asked to prefer those); a model without such blocks falls back to ``None``;
 * a list of qualified names (each must be eligible, else an error says why);
@@ -30,7 +32,9 @@ from .provenance import ExpandedRegion
 __all__ = ["BLOCK_TYPES", "ACTIVATION_MODULES", "evenly_spaced", "select_targets", "conv_problem",
            "activation_near", "spread", "residual_branch_nodes", "output_layers"]
 
-BLOCK_TYPES = {"InvertedResidual", "_InvertedResidual", "MBConv", "FusedMBConv", "Bottleneck", "BasicBlock"}
+BLOCK_TYPES = {"InvertedResidual", "_InvertedResidual", "MBConv", "FusedMBConv", "Bottleneck", "BasicBlock",
+               # timm.models._efficientnet_blocks (EfficientNet, MobileNetV3, MobileNetV4 and relatives)
+               "DepthwiseSeparableConv", "UniversalInvertedResidual", "EdgeResidual", "CondConvResidual", "ConvBnAct"}
 
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.ELU,
                       nn.Hardtanh, nn.Sigmoid, nn.Tanh)

@@ -5,8 +5,9 @@ LayerNorm accepted: channels tied across residual adds, concatenation, depthwise
 squeeze-excitation gates and flatten → Linear), i.e. a group produced by a conv / linear that
 reaches no graph input or output and no operation that is not understood channel-wise. Frozen
 groups (inputs, outputs, reshapes and channel shuffles, attention, grouped non-depthwise convs,
-modules called twice, layer subclasses such as timm's ``BatchNormAct2d``) keep their width; the
-notes say why.
+modules called twice, layer subclasses with extra behaviour) keep their width; the notes say why.
+timm's ``BatchNormAct2d`` (a BatchNorm followed by parameter-free ``drop`` and ``act`` modules) is
+not frozen: it becomes a :class:`~fxexpand.core.DynamicBatchNorm` that applies them.
 
 Rewrite: every Conv1d/2d/3d (dense or depthwise), Linear, BatchNorm1d/2d/3d and LayerNorm (over the
 last dim) that reads or writes a free group becomes a :class:`~fxexpand.core.DynamicLayer` at the
@@ -116,9 +117,9 @@ class AugmentWidth(Pass):
         gm = graph_module
         an = analyse(gm, layer_norm=True)
         frozen = dict(an.frozen)
-        for la in an.layers:  # layer subclasses with extra behaviour (timm's BatchNormAct2d) stay as they are
-            mod = get_module(gm, la.name)
-            if type(mod) not in DYNAMIC_SOURCES:
+        for la in an.layers:  # layer subclasses with extra behaviour stay as they are (timm's BatchNormAct2d,
+            mod = get_module(gm, la.name)  # a BatchNorm + drop + act, becomes a DynamicBatchNorm)
+            if type(mod) not in DYNAMIC_SOURCES and not (la.kind == "bn" and DynamicBatchNorm.accepts(mod)):
                 spaces = list(la.inp.spaces if la.inp is not None else ()) + ([la.out] if la.out else [])
                 for s in spaces:
                     frozen.setdefault(an.group_of[s], f"{type(mod).__name__} {la.name} is not a plain torch.nn layer")

@@ -151,3 +151,36 @@ def test_negative_contraction_errors(model, match):
 def test_negative_must_run_after_the_contraction_passes():
     with pytest.raises(fxexpand.PassError, match="fold_batchnorm must run before restore_original"):
         PassManager(passes=[RestoreOriginal(), FoldBatchNorm(scope="expanded")])
+
+
+def test_bias_absorbed_into_a_functional_batch_norm_float64_and_float32():
+    """timm's BatchNormAct2d is a leaf while compiling (training mode: the expansion sees a BatchNorm
+    module that can take the bias) and is traced through in eval mode, where RestoreOriginal finds an
+    inference-mode ``F.batch_norm``: the bias goes into the running_mean buffer it reads."""
+    pytest.importorskip("timm")
+    from timm.layers import BatchNormAct2d
+
+    class TimmNet(Net):
+        def __init__(self):
+            super().__init__()
+            self.bn1 = BatchNormAct2d(6, act_layer=nn.ReLU)
+
+        def forward(self, x):
+            y = self.bn1(self.conv1(x))
+            y = F.relu(self.conv2(y))
+            return self.fc(y.mean((2, 3)))
+
+    for dtype in (torch.float64, torch.float32):
+        model = randomize_bn(TimmNet().to(dtype))
+        expanded = fxexpand.compile(model, [InsertInvertedResidual(ratio=2, targets=["conv1"], kernel_size="match"),
+                                            DecayActivations()])
+        randomize_bn(expanded, seed=3)
+        fxexpand.set_decay(expanded, 1.0)
+        expanded.eval()
+        x = torch.randn(2, 3, 9, 11, dtype=dtype)
+        small = fxexpand.contract(expanded, (x,))
+        assert ("absorbed", "conv1 -> bn1") in {(n.action, n.where) for n in small.fxexpand_report.notes}
+        fresh = TimmNet().to(dtype)
+        fresh.load_state_dict(small.state_dict(), strict=True)
+        with torch.no_grad():
+            assert rel_error(expanded(x), fresh.eval()(x)) < TOL[dtype]
