@@ -278,8 +278,9 @@ def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, conc
         result = manager(gm)
         gm = result.graph_module
         notes += result.notes
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
+    # the managers return their graph with its code generated; only a change here needs it again
+    if gm.graph.eliminate_dead_code():
+        gm.recompile()
     gm.delete_all_unused_submodules()
     gm.eval()
     return gm, notes + _unknown_layer_notes(gm)

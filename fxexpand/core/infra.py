@@ -7,7 +7,8 @@ modified, notes)``. ``notes`` records what the pass did and what it skipped, wit
 contraction report is built from them.
 
 :class:`PassManager` is itself a pass: it runs its passes in order (optionally to a fixed point),
-recompiles and lints the graph after each one, and names the failing pass *and the passes that ran
+lints the graph after each one that changed it, generates its code (``recompile``) before any pass
+that runs the module and before returning (once for a run of graph-only passes), and names the failing pass *and the passes that ran
 before it* in any error. With ``verify_each=True`` it checks numerical equivalence after every pass
 and names the first pass that changed the model's function.
 
@@ -203,6 +204,11 @@ class Pass(abc.ABC):
     registered_name: ClassVar[str] = ""
     #: registered names of passes that must run before this one when both are in one PassManager
     after: ClassVar[tuple[str, ...]] = ()
+    #: whether the pass runs the module (``gm(...)``, ``gm.code``) and so needs code generated for
+    #: the current graph; a pass that only reads and edits ``gm.graph`` and its submodules sets this
+    #: to False, and a :class:`PassManager` then generates the code once after a run of such passes
+    #: instead of after each one (FX code generation is a large part of contraction time)
+    needs_code: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -260,7 +266,9 @@ class PassManager(Pass):
         passes: pass objects or registered names.
         fixed_point: repeat the whole sequence until no pass reports a modification.
         max_iterations: bound on fixed-point rounds (an error if it is reached while still changing).
-        lint: run ``graph.lint()`` after every pass (and always recompile).
+        lint: run ``graph.lint()`` after every pass that changed the graph. The code is generated
+            (``recompile``) before the manager returns and before any pass whose ``needs_code`` is
+            True; a run of graph-only passes (``needs_code = False``) is recompiled once.
         verify_each: after every pass, check numerical equivalence with the module as it was
             before that pass (needs ``example_inputs``) and name the first pass that broke it.
         example_inputs: inputs for ``verify_each``.
@@ -310,9 +318,12 @@ class PassManager(Pass):
         notes: list[Note] = []
         records: list[Any] = []
         any_modified = False
+        stale: list[str] = []  # passes that changed the graph since the code was last generated
         for iteration in range(self.max_iterations):
             round_modified = False
             for p in self.passes:
+                if stale and (p.needs_code or self.verify_each):
+                    self._recompile(gm, stale, history=", ".join(ran))
                 before = copy.deepcopy(gm) if self.verify_each else None
                 history = ", ".join(ran) if ran else "none"
                 try:
@@ -331,12 +342,14 @@ class PassManager(Pass):
                     try:
                         if self.lint:
                             gm.graph.lint()
-                        gm.recompile()
                     except Exception as e:
                         invalid = PassError(f"pass {p.name} produced an invalid graph (passes run before it: "
                                             f"{history}): {type(e).__name__}: {e}")
                         invalid.pass_name = p.name
                         raise invalid from e
+                    stale.append(p.name)
+                    if before is not None or p.needs_code:
+                        self._recompile(gm, stale, history=history)
                     if before is not None:
                         try:
                             verify(before, gm, self.example_inputs, rtol=self.rtol, atol=self.atol)
@@ -357,7 +370,24 @@ class PassManager(Pass):
                     f"PassManager did not reach a fixed point in {self.max_iterations} rounds "
                     f"(passes: {', '.join(p.name for p in self.passes)})"
                 )
+        if stale:
+            self._recompile(gm, stale, history=", ".join(ran[:-1]) if ran else "none")
         return PassResult(gm, any_modified, notes, records)
+
+    @staticmethod
+    def _recompile(gm: fx.GraphModule, stale: list[str], *, history: str) -> None:
+        """Generate the code of ``gm``'s graph; a failure names the passes that changed the graph
+        since the code was last generated (the last of them first)."""
+        try:
+            gm.recompile()
+        except Exception as e:
+            last = stale[-1]
+            others = f"; it also follows changes by {', '.join(dict.fromkeys(stale[:-1]))}" if len(stale) > 1 else ""
+            invalid = PassError(f"pass {last} produced an invalid graph (passes run before it: {history or 'none'}"
+                                f"{others}): {type(e).__name__}: {e}")
+            invalid.pass_name = last
+            raise invalid from e
+        stale.clear()
 
 
 def _with_context(error: FxExpandError, prefix: str, pass_name: str) -> FxExpandError:

@@ -92,6 +92,8 @@ class FuseLinear(ScopedPass):
         allow_flop_increase: also fuse outside expanded regions when it increases MACs.
     """
 
+    needs_code = False  # edits the graph only: the manager recompiles once after a run of such passes
+
     allow_flop_increase: bool = False
 
     # -- helpers -------------------------------------------------------------------------------

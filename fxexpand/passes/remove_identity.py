@@ -60,6 +60,8 @@ class RemoveIdentity(ScopedPass):
         scope: ``"all"`` or ``"expanded"`` (only inside expanded regions).
     """
 
+    needs_code = False  # edits the graph only: the manager recompiles once after a run of such passes
+
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
         notes = []
