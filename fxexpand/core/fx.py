@@ -31,7 +31,10 @@ __all__ = [
 def get_module(gm: nn.Module, qualname: str) -> nn.Module:
     mod = gm
     for part in qualname.split(".") if qualname else []:
-        mod = getattr(mod, part)
+        # a submodule straight from ``_modules`` (nn.Module.__getattr__ reaches it only after a failed
+        # normal lookup, which made this walk a visible share of a pass); anything else via getattr
+        sub = mod._modules.get(part) if isinstance(mod, nn.Module) and part not in mod.__dict__ else None
+        mod = sub if sub is not None else getattr(mod, part)
     return mod
 
 

@@ -192,20 +192,36 @@ class LinearOp:
         """A fresh ``nn.ConvNd`` / ``nn.Linear`` holding these parameters."""
         w = self.weight.detach()
         b = None if self.bias is None else self.bias.detach()
-        # built on the meta device (no random initialisation of weights that are replaced at once),
-        # then given the parameters
+        # built on the meta device without initialisation (the weights are replaced at once: even on
+        # the meta device, kaiming_uniform_ runs torch's Python decompositions, ~20 % of contraction),
+        # then given the parameters; the module is a plain nn.ConvNd / nn.Linear afterwards
         if self.kind == "linear":
-            m = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta", dtype=w.dtype)
+            cls = nn.Linear
+            m = _without_init(cls)(w.shape[1], w.shape[0], bias=b is not None, device="meta", dtype=w.dtype)
         else:
-            m = CONV_TYPES[self.nd](
+            cls = CONV_TYPES[self.nd]
+            m = _without_init(cls)(
                 self.in_channels, self.out_channels, self.kernel, stride=self.stride,
                 padding=self.padding, dilation=self.dilation, groups=self.groups,
                 bias=b is not None, device="meta", dtype=w.dtype,
             )
+        m.__class__ = cls
         m.weight = nn.Parameter(w.clone().contiguous())
         if b is not None:
             m.bias = nn.Parameter(b.clone().contiguous())
         return m
+
+
+_NO_INIT: dict[type, type] = {}
+
+
+def _without_init(cls: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of ``cls`` whose constructor skips ``reset_parameters`` (its every other step, and
+    so every attribute of the module, is ``cls``'s own); the caller sets ``__class__`` back to ``cls``."""
+    sub = _NO_INIT.get(cls)
+    if sub is None:
+        sub = _NO_INIT[cls] = type(f"_{cls.__name__}WithoutInit", (cls,), {"reset_parameters": lambda self: None})
+    return sub
 
 
 def norm_padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...] | None:
