@@ -18,7 +18,8 @@ and compared on
 * contraction time: ``contract(..., verify=False)`` against ``reparameterize_model`` (alternately,
   ``--rounds`` rounds, medians), and the verification's own time (``contract(verify=True)`` minus
   ``contract(verify=False)``, alternated in the same rounds: the float64 twin contraction and the
-  float32/float64 comparison on random inputs).
+  float32/float64 comparison on random inputs). A full ``gc.collect()`` precedes every timed call
+  (untimed), so neither side pays for the other's garbage.
 
     python benchmarks/reparam_bench.py                   # the five parity models, ~10 min on 2 busy cores
     python benchmarks/reparam_bench.py --family          # + other members of those families
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import sys
@@ -61,6 +63,7 @@ def _convs(m: nn.Module) -> int:
 
 
 def _timed(fn):
+    gc.collect()  # neither side pays for garbage the other left (contract pauses the collector inside)
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
