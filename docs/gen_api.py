@@ -13,9 +13,11 @@ from pathlib import Path
 
 import fxexpand
 import fxexpand.core
+import fxexpand.data
 import fxexpand.exits
 import fxexpand.passes
 import fxexpand.pipelines
+import fxexpand.protocols
 import fxexpand.testing
 import fxexpand.train
 
@@ -23,9 +25,12 @@ SECTIONS = [
     ("Entry points", fxexpand, ["trace", "compile", "contract", "verify", "export_onnx", "benchmark_onnx",
                                 "compare_onnx", "save", "load", "build_model", "register_factory",
                                 "expansion_report", "count_parameters", "count_flops"]),
-    ("Schedules", fxexpand, ["LinearDecay", "set_decay", "get_decay"]),
+    ("Schedules", fxexpand, ["LinearDecay", "set_decay", "get_decay", "linearize"]),
     ("Training", fxexpand.train, ["DecaySchedule", "Trainer", "sync_buffers", "unwrap", "lightning_callback",
                                   "netaug_lightning_callback"]),
+    ("The papers' training protocols (fxexpand.protocols)", fxexpand.protocols, [
+        "Phase", "Protocol", "run", "step_flops", "vanilla", "netbooster", "expandnets", "expandnets_init", "netaug"]),
+    ("Offline datasets (fxexpand.data)", fxexpand.data, ["Splits", "mnist1d", "digits", "load"]),
     ("BoostNet early exits (fxexpand.exits)", fxexpand.exits, [
         "loss", "segments", "exit_costs", "collect", "anytime", "fit", "evaluate", "budget_curve", "Policy",
         "export", "Runner", "exit_record"]),
@@ -36,7 +41,7 @@ SECTIONS = [
     ("Engine names for pass authors (fxexpand.core)", fxexpand.core, [
         "ScopedPass", "required_arguments", "LinearOp", "linear_op_of", "bn_of", "shared_use", "value_users",
         "is_metadata_read", "move_metadata_reads", "scale_of", "scale_as_op", "bias_sink",
-        "replace_nodes_with_module", "propagate_shapes", "as_inputs", "select_targets", "compose", "sum_parallel",
+        "replace_nodes_with_module", "propagate_shapes", "as_inputs", "select_targets", "residual_branch_nodes", "output_layers", "compose", "sum_parallel",
         "bn_as_op", "analyse", "resize"]),
     ("Typed records (fxexpand.core)", fxexpand.core, [
         "set_record", "get_record", "ModuleRenames", "ParameterOrigins", "Recipe", "GrowthRecord", "ChainRecord",
@@ -52,7 +57,7 @@ SECTIONS = [
     ("Growth passes", fxexpand.passes, ["InsertEMABlocks", "GrowWidth"]),
     ("Modules and reports", fxexpand, ["ExpandedRegion", "DecayActivation", "ContractReport", "VerifyReport",
                                        "LatencyStats"]),
-    ("Recipes", fxexpand.recipes, ["netbooster", "expandnets"]),
+    ("Recipes", fxexpand.recipes, ["netbooster", "expandnets", "netaug", "early_exits"]),
     ("Testing (import fxexpand.testing)", fxexpand.testing, ["random_model", "models", "seeds", "RandomCase",
                                                           "check_expansion", "check_deploy", "check_pass",
                                                           "check_verify_each", "CheckResult", "BreakOutput",
