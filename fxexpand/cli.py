@@ -291,8 +291,9 @@ def cmd_demo(args) -> int:
             return _fail(f"--{name.replace('_', '-')} must be at least 1")
     console = Console(highlight=False, width=max(Console().width, 160))
     if args.exits:
-        rep = exits_demo.run(seeds=args.seeds or 3, epochs=args.epochs, workers=args.workers,
-                             width=args.width or 4, progress=lambda m: console.print(m, markup=False))
+        rep = exits_demo.run(seeds=args.seeds or (demo.FULL_SEEDS if args.full else 3), epochs=args.epochs,
+                             workers=args.workers, width=args.width or 4, tune=args.tune or args.full,
+                             progress=lambda m: console.print(m, markup=False))
         console.print(exits_demo.table(rep))
         paths = exits_demo.write_outputs(rep, args.out)
         console.print(f"wrote {', '.join(map(str, paths))}", markup=False)

@@ -28,7 +28,7 @@ import torch
 from rich.table import Table
 
 from . import api, data as datasets, exits
-from .demo import _Loader, _optimizer, paired_difference
+from .demo import LR_GRID, TUNE_SEEDS, _Loader, _optimizer, paired_difference
 from .exit_policy import plot_curves
 from .models import TinyConv1d
 from .pipelines import early_exits
@@ -69,29 +69,52 @@ def train_variant(task: dict) -> dict:
             scheduler_interval="step").fit(loader)
     seconds = time.perf_counter() - t0
     test, val = _batches(d.x_test, d.y_test), _batches(d.x_val, d.y_val)
+    if task.get("split") == "val":  # tuning: the validation split only
+        return {**task, "seconds": seconds, "anytime": exits.anytime(model, val, (xb[:1],)), "budget_curve": []}
     anytime = exits.anytime(model, test, (xb[:1],))
     curve = exits.budget_curve(model, val, test, (xb[:1],), budgets=BUDGETS, flat_rule=False)
     return {**task, "seconds": seconds, "anytime": anytime, "budget_curve": curve}
 
 
-def run(*, seeds: int = 3, epochs: int = 20, width: int = 4, lr: float = 0.1, workers: int = 2,
-        progress: Callable[[str], None] | None = None) -> ExitsReport:
-    """Train both variants for every seed and summarise (see the module docstring)."""
-    say = progress or (lambda m: None)
-    t0 = time.perf_counter()
-    tasks = [dict(variant=v, seed=s, epochs=epochs, width=width, lr=lr) for s in range(seeds) for v in VARIANTS]
-    runs = []
+def _pool_map(tasks: list[dict], workers: int, say: Callable[[dict], None]) -> list[dict]:
+    out = []
     if workers > 1:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for r in pool.map(train_variant, tasks):
-                runs.append(r)
-                say(f"{r['variant']} seed {r['seed']}: last exit {100 * r['anytime'][-1]['accuracy']:.1f}%")
+                out.append(r)
+                say(r)
     else:
         for t in tasks:
-            runs.append(train_variant(t))
+            out.append(train_variant(t))
+            say(out[-1])
+    return out
+
+
+def run(*, seeds: int = 3, epochs: int = 20, width: int = 4, lr: float = 0.1, workers: int = 2, tune: bool = False,
+        lr_grid: tuple[float, ...] = LR_GRID, tune_seed: int = TUNE_SEEDS[0],
+        progress: Callable[[str], None] | None = None) -> ExitsReport:
+    """Train both variants for every seed and summarise (see the module docstring). With ``tune``,
+    each variant's learning rate is first chosen on the validation split (last exit's accuracy)
+    over ``lr_grid`` with ``tune_seed``, as the main demo does."""
+    say = progress or (lambda m: None)
+    t0 = time.perf_counter()
+    lrs = {v: lr for v in VARIANTS}
+    tuning: dict = {}
+    if tune:
+        tasks = [dict(variant=v, seed=tune_seed, epochs=epochs, width=width, lr=g, split="val")
+                 for v in VARIANTS for g in lr_grid]
+        res = _pool_map(tasks, workers, lambda r: say(f"tuning {r['variant']} lr={r['lr']:g}: val last exit "
+                                                      f"{100 * r['anytime'][-1]['accuracy']:.1f}%"))
+        for v in VARIANTS:
+            scores = {r["lr"]: r["anytime"][-1]["accuracy"] for r in res if r["variant"] == v}
+            lrs[v] = max(scores, key=lambda g: scores[g])
+            tuning[v] = {"val_last_exit_accuracy": {str(g): a for g, a in scores.items()}, "chosen": lrs[v]}
+    tasks = [dict(variant=v, seed=s, epochs=epochs, width=width, lr=lrs[v]) for s in range(seeds) for v in VARIANTS]
+    runs = _pool_map(tasks, workers, lambda r: say(f"{r['variant']} seed {r['seed']}: last exit "
+                                                   f"{100 * r['anytime'][-1]['accuracy']:.1f}%"))
     summary = _summarise(runs, seeds)
-    return ExitsReport({"seeds": seeds, "epochs": epochs, "width": width, "lr": lr, "budgets": list(BUDGETS)},
-                       runs, summary, time.perf_counter() - t0)
+    return ExitsReport({"seeds": seeds, "epochs": epochs, "width": width, "lr": lrs, "tuning": tuning,
+                        "budgets": list(BUDGETS)}, runs, summary, time.perf_counter() - t0)
 
 
 def _summarise(runs: list[dict], seeds: int) -> dict:
@@ -119,8 +142,11 @@ def _fmt(d: dict) -> str:
 
 def table(rep: ExitsReport) -> Table:
     c = rep.config
-    t = Table(title=f"BoostNet demo: MNIST-1D, width {c['width']}, {c['epochs']} epochs, {c['seeds']} paired seeds "
-                    "(test accuracy %, mean; Δ boosted − plain with 95% CI)")
+    lr = c["lr"] if isinstance(c["lr"], dict) else {v: c["lr"] for v in VARIANTS}
+    t = Table(title=f"BoostNet demo: MNIST-1D, width {c['width']}, {c['epochs']} epochs, {c['seeds']} paired seeds, "
+                    f"lr boosted {lr['boosted']:g} / plain {lr['plain']:g}"
+                    f"{' (tuned on validation)' if c.get('tuning') else ''} (test accuracy %, mean; Δ boosted − plain "
+                    "with 95% CI)")
     for col in ("setting", "cost (fraction)", "boosted", "plain", "Δ"):
         t.add_column(col, justify="left" if col == "setting" else "right")
     for r in rep.summary["anytime"]:

@@ -296,6 +296,15 @@ def test_exits_demo_small_run(tmp_path):
     assert exits_demo.table(rep).row_count == 3 + len(exits_demo.BUDGETS)
 
 
+def test_exits_demo_tunes_each_variant_on_validation():
+    rep = exits_demo.run(seeds=1, epochs=1, workers=1, tune=True, lr_grid=(0.03, 0.1))
+    assert set(rep.config["tuning"]) == {"boosted", "plain"}
+    for v, t in rep.config["tuning"].items():
+        assert t["chosen"] in (0.03, 0.1) and rep.config["lr"][v] == t["chosen"]
+        assert t["chosen"] == max((0.03, 0.1), key=lambda g: t["val_last_exit_accuracy"][str(g)])
+    assert {r["lr"] for r in rep.runs if r["variant"] == "plain"} == {rep.config["lr"]["plain"]}
+
+
 def test_digits_stays_available():
     assert sum(p.numel() for p in DigitsNet().parameters()) == 2998
     assert demo.load_digits()[0].shape[1:] == (1, 8, 8)
