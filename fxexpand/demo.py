@@ -267,20 +267,25 @@ def _pool(workers: int):
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
 
 
-def _map(pool, tasks: list[dict], progress: Callable[[dict], None] | None) -> list[dict]:
+def _map(pool, fn: Callable[[dict], dict], tasks: list[dict],
+         progress: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """``fn`` over ``tasks`` in ``pool`` (None: in this process), in order; ``progress(i, result)``
+    after each (i counts from 1)."""
+    results = map(fn, tasks) if pool is None else pool.map(fn, tasks)
     out = []
-    if pool is None:
-        for t in tasks:
-            r = train_run(t)
-            out.append(r)
-            if progress:
-                progress(r)
-        return out
-    for r in pool.map(train_run, tasks):
+    for r in results:
         out.append(r)
         if progress:
-            progress(r)
+            progress(len(out), r)
     return out
+
+
+def _write_json(path: Path, obj: Any) -> Path:
+    """``obj`` as JSON at ``path``, written to a temporary name first (no partial file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
+    return path
 
 
 def run_demo(config: DemoConfig | None = None, *, progress: Callable[[str], None] | None = None) -> DemoReport:
@@ -300,13 +305,8 @@ def run_demo(config: DemoConfig | None = None, *, progress: Callable[[str], None
         if cfg.tune:
             tasks = [dict(base, method=m, seed=s, lr=g, split="val") for m in cfg.methods for g in cfg.lr_grid
                      for s in cfg.tune_seeds]
-            done = [0]
-
-            def tick(r):
-                done[0] += 1
-                say(f"tuning {done[0]}/{len(tasks)}: {r['method']} lr={r['lr']:g} seed {r['seed']} "
-                    f"val {100 * r['accuracy']:.1f}%")
-            results = _map(pool, tasks, tick)
+            results = _map(pool, train_run, tasks, lambda i, r: say(
+                f"tuning {i}/{len(tasks)}: {r['method']} lr={r['lr']:g} seed {r['seed']} val {100 * r['accuracy']:.1f}%"))
             for m in cfg.methods:
                 scores = {g: statistics.fmean(r["accuracy"] for r in results if r["method"] == m and r["lr"] == g)
                           for g in cfg.lr_grid}
@@ -315,13 +315,9 @@ def run_demo(config: DemoConfig | None = None, *, progress: Callable[[str], None
                 lr[m] = best
         tasks = [dict(base, method=m, seed=s, lr=lr[m], split="test", keep=True) for s in range(cfg.seeds)
                  for m in cfg.methods]
-        done = [0]
-
-        def tick(r):
-            done[0] += 1
-            say(f"run {done[0]}/{len(tasks)}: {r['method']} seed {r['seed']} test {100 * r['accuracy']:.1f}% "
-                f"({r['train_seconds']:.0f} s)")
-        runs = _map(pool, tasks, tick)
+        runs = _map(pool, train_run, tasks, lambda i, r: say(
+            f"run {i}/{len(tasks)}: {r['method']} seed {r['seed']} test {100 * r['accuracy']:.1f}% "
+            f"({r['train_seconds']:.0f} s)"))
     finally:
         if pool is not None:
             pool.shutdown()
@@ -517,8 +513,4 @@ def write_outputs(report: DemoReport, out_dir: str | os.PathLike) -> tuple[Path,
     """Write ``demo.json`` (every number) and ``demo.png`` into ``out_dir`` (atomically)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    js = out / "demo.json"
-    tmp = js.with_name(js.name + ".tmp")
-    tmp.write_text(json.dumps(asdict(report), indent=1, default=float))
-    os.replace(tmp, js)
-    return js, plot(report, out / "demo.png")
+    return _write_json(out / "demo.json", asdict(report)), plot(report, out / "demo.png")

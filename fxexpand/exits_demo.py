@@ -14,12 +14,9 @@ mean ± std over paired seeds and the paired difference boosted − plain with a
 
 from __future__ import annotations
 
-import json
-import multiprocessing
 import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,7 +25,7 @@ import torch
 from rich.table import Table
 
 from . import api, data as datasets, exits
-from .demo import LR_GRID, TUNE_SEEDS, _Loader, _optimizer, paired_difference
+from .demo import LR_GRID, TUNE_SEEDS, _diff, _Loader, _map, _optimizer, _pool, _write_json, paired_difference
 from .exit_policy import plot_curves
 from .models import TinyConv1d
 from .pipelines import early_exits
@@ -76,20 +73,6 @@ def train_variant(task: dict) -> dict:
     return {**task, "seconds": seconds, "anytime": anytime, "budget_curve": curve}
 
 
-def _pool_map(tasks: list[dict], workers: int, say: Callable[[dict], None]) -> list[dict]:
-    out = []
-    if workers > 1:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for r in pool.map(train_variant, tasks):
-                out.append(r)
-                say(r)
-    else:
-        for t in tasks:
-            out.append(train_variant(t))
-            say(out[-1])
-    return out
-
-
 def run(*, seeds: int = 3, epochs: int = 20, width: int = 4, lr: float = 0.1, workers: int = 2, tune: bool = False,
         lr_grid: tuple[float, ...] = LR_GRID, tune_seed: int = TUNE_SEEDS[0],
         progress: Callable[[str], None] | None = None) -> ExitsReport:
@@ -100,18 +83,23 @@ def run(*, seeds: int = 3, epochs: int = 20, width: int = 4, lr: float = 0.1, wo
     t0 = time.perf_counter()
     lrs = {v: lr for v in VARIANTS}
     tuning: dict = {}
-    if tune:
-        tasks = [dict(variant=v, seed=tune_seed, epochs=epochs, width=width, lr=g, split="val")
-                 for v in VARIANTS for g in lr_grid]
-        res = _pool_map(tasks, workers, lambda r: say(f"tuning {r['variant']} lr={r['lr']:g}: val last exit "
-                                                      f"{100 * r['anytime'][-1]['accuracy']:.1f}%"))
-        for v in VARIANTS:
-            scores = {r["lr"]: r["anytime"][-1]["accuracy"] for r in res if r["variant"] == v}
-            lrs[v] = max(scores, key=lambda g: scores[g])
-            tuning[v] = {"val_last_exit_accuracy": {str(g): a for g, a in scores.items()}, "chosen": lrs[v]}
-    tasks = [dict(variant=v, seed=s, epochs=epochs, width=width, lr=lrs[v]) for s in range(seeds) for v in VARIANTS]
-    runs = _pool_map(tasks, workers, lambda r: say(f"{r['variant']} seed {r['seed']}: last exit "
-                                                   f"{100 * r['anytime'][-1]['accuracy']:.1f}%"))
+    pool = _pool(workers)
+    try:
+        if tune:
+            tasks = [dict(variant=v, seed=tune_seed, epochs=epochs, width=width, lr=g, split="val")
+                     for v in VARIANTS for g in lr_grid]
+            res = _map(pool, train_variant, tasks, lambda i, r: say(
+                f"tuning {r['variant']} lr={r['lr']:g}: val last exit {100 * r['anytime'][-1]['accuracy']:.1f}%"))
+            for v in VARIANTS:
+                scores = {r["lr"]: r["anytime"][-1]["accuracy"] for r in res if r["variant"] == v}
+                lrs[v] = max(scores, key=lambda g: scores[g])
+                tuning[v] = {"val_last_exit_accuracy": {str(g): a for g, a in scores.items()}, "chosen": lrs[v]}
+        tasks = [dict(variant=v, seed=s, epochs=epochs, width=width, lr=lrs[v]) for s in range(seeds) for v in VARIANTS]
+        runs = _map(pool, train_variant, tasks, lambda i, r: say(
+            f"{r['variant']} seed {r['seed']}: last exit {100 * r['anytime'][-1]['accuracy']:.1f}%"))
+    finally:
+        if pool is not None:
+            pool.shutdown()
     summary = _summarise(runs, seeds)
     return ExitsReport({"seeds": seeds, "epochs": epochs, "width": width, "lr": lrs, "tuning": tuning,
                         "budgets": list(BUDGETS)}, runs, summary, time.perf_counter() - t0)
@@ -135,11 +123,6 @@ def _summarise(runs: list[dict], seeds: int) -> dict:
     return out
 
 
-def _fmt(d: dict) -> str:
-    lo = "" if d["low"] != d["low"] else f" [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
-    return f"{100 * d['mean']:+.2f}{lo}"
-
-
 def table(rep: ExitsReport) -> Table:
     c = rep.config
     lr = c["lr"] if isinstance(c["lr"], dict) else {v: c["lr"] for v in VARIANTS}
@@ -151,10 +134,10 @@ def table(rep: ExitsReport) -> Table:
         t.add_column(col, justify="left" if col == "setting" else "right")
     for r in rep.summary["anytime"]:
         t.add_row(f"anytime exit {r['exit']}", f"{r['cost_fraction']:.2f}", f"{100 * r['boosted']:.2f}",
-                  f"{100 * r['plain']:.2f}", _fmt(r["diff"]))
+                  f"{100 * r['plain']:.2f}", _diff(r["diff"]))
     for r in rep.summary["budget"]:
         t.add_row(f"budget {r['budget']:.2f}", f"{r['boosted_cost']:.2f} / {r['plain_cost']:.2f}",
-                  f"{100 * r['boosted']:.2f}", f"{100 * r['plain']:.2f}", _fmt(r["diff"]))
+                  f"{100 * r['boosted']:.2f}", f"{100 * r['plain']:.2f}", _diff(r["diff"]))
     return t
 
 
@@ -162,10 +145,7 @@ def write_outputs(rep: ExitsReport, out_dir: str | os.PathLike) -> tuple[Path, P
     """``exits.json`` and ``exits.png`` (mean budget curves and anytime points) in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    js = out / "exits.json"
-    tmp = js.with_name(js.name + ".tmp")
-    tmp.write_text(json.dumps(asdict(rep), indent=1, default=float))
-    os.replace(tmp, js)
+    js = _write_json(out / "exits.json", asdict(rep))
     curves = {v: [{"mean_cost_fraction": r[f"{v}_cost"], "accuracy": r[v]} for r in rep.summary["budget"]]
               for v in VARIANTS}
     anytime = {v: [{"cost_fraction": r["cost_fraction"], "accuracy": r[v]} for r in rep.summary["anytime"]]
