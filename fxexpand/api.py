@@ -249,8 +249,13 @@ def contract(
     _refuse_nonfinite(model)
     opts = dict(target=target, leaf_modules=tuple(leaf_modules), concrete_args=concrete_args,
                 extra_passes=extra_passes, verify_each=verify_each, rtol=rtol, atol=atol)
-    with _gc_paused():
-        out, notes = _contract_once(copy.deepcopy(model), inputs, **opts)
+    with _gc_paused(), _state_restored(model):
+        # traced in place, not copied: the passes build new modules and tensors and never change one
+        # in place, and what the result still shares with ``model`` is copied at the end (a deep
+        # copy of the whole model was a third of the time); any Python state of ``model`` that
+        # tracing or eval mode touched is put back when this block ends, even on an error
+        model.eval()
+        out, notes = _contract_once(model, inputs, owner=model, **opts)
     report = ContractReport(target=target, notes=_dedupe(notes))
     if verify:
         out64 = None
@@ -289,7 +294,9 @@ def _gc_paused():
 
 
 def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, concrete_args, extra_passes,
-                   verify_each, rtol, atol) -> tuple[fx.GraphModule, list[Note]]:
+                   verify_each, rtol, atol, owner: nn.Module | None = None) -> tuple[fx.GraphModule, list[Note]]:
+    """Contract ``work`` (in eval mode). ``owner``: a module whose submodules and tensors the result
+    must not share (``work`` itself when it is the user's model, traced without a copy)."""
     work.eval()
     gm = _traced_with_records(work, leaf_modules=leaf_modules, concrete_args=concrete_args, inline_regions=True)
     propagate_shapes(gm, inputs)
@@ -303,8 +310,77 @@ def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, conc
     if gm.graph.eliminate_dead_code():
         gm.recompile()
     gm.delete_all_unused_submodules()
+    if owner is not None:
+        _own(gm, owner)
     gm.eval()
     return gm, notes + _unknown_layer_notes(gm)
+
+
+def _own(gm: fx.GraphModule, owner: nn.Module) -> None:
+    """Replace every submodule, parameter and buffer ``gm`` shares with ``owner`` by a copy (one
+    deep copy with one memo, so what was shared inside the result stays shared)."""
+    modules = {id(m) for m in owner.modules()}
+    tensors = {id(t) for t in itertools.chain(owner.parameters(), owner.buffers())}
+    memo: dict[int, Any] = {}
+    shared: list[tuple[str, nn.Module]] = []
+    stack = [("", gm)]
+    while stack:  # owner's modules are copied whole: their children are not visited
+        prefix, mod = stack.pop()
+        for name, child in mod._modules.items():
+            if child is None:
+                continue
+            path = f"{prefix}{name}"
+            if id(child) in modules:
+                shared.append((path, child))
+            else:
+                stack.append((path + ".", child))
+        for attrs in (mod._parameters, mod._buffers):
+            for name, t in attrs.items():
+                if t is not None and id(t) in tensors:
+                    attrs[name] = copy.deepcopy(t, memo)
+    for path, child in shared:
+        parent, _, name = path.rpartition(".")
+        gm.get_submodule(parent)._modules[name] = copy.deepcopy(child, memo)
+
+
+@contextlib.contextmanager
+def _state_restored(model: nn.Module):
+    """Every module's Python state (its ``__dict__``: training flag, attributes, and the contents
+    of its dict / list / set attributes, e.g. a cache a forward fills) as it was on entry, whatever
+    happens inside. Tensors are not copied: contraction never writes one in place."""
+    saved = []
+    for m in model.modules():
+        state = m.__dict__.copy()
+        # containers: the public ones (a cache) and the registries of tensors and children; torch's
+        # hook registries (empty, private) are left out: a forward does not register hooks
+        inner = [(v, v.copy()) for k, v in state.items()
+                 if (not k.startswith("_") or k in _REGISTRIES) and type(v) in (dict, list, set)]
+        saved.append((m, state, inner))
+    try:
+        yield
+    finally:
+        for m, state, inner in saved:
+            if not _same_items(m.__dict__, state):
+                m.__dict__.clear()
+                m.__dict__.update(state)
+            for obj, content in inner:
+                if not _same_items(obj, content):
+                    obj.clear()
+                    obj.extend(content) if isinstance(obj, list) else obj.update(content)
+
+
+_REGISTRIES = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def _same_items(a: Any, b: Any) -> bool:
+    """Whether two dicts / lists / sets hold the same objects (by identity: no ``__eq__`` of a tensor)."""
+    if len(a) != len(b):
+        return False
+    if isinstance(a, dict):
+        return all(k in b and a[k] is b[k] for k in a)
+    if isinstance(a, list):
+        return all(x is y for x, y in zip(a, b))
+    return a == b
 
 
 def _backbone_reference(model: nn.Module) -> nn.Module:
@@ -318,7 +394,7 @@ def _traced_with_records(work: nn.Module, **trace_kwargs: Any) -> fx.GraphModule
     """``trace(work)`` carrying the typed records the model's passes attached (exits, widths)."""
     gm = trace(work, **trace_kwargs)
     for record in persistent_records(work):
-        set_record(gm, record)
+        set_record(gm, copy.deepcopy(record))
     return gm
 
 

@@ -104,3 +104,63 @@ def test_contract_verify_each_pass():
     model = randomize_bn(Conv1dNet()).eval()
     small = fxexpand.contract(model, (torch.randn(2, 2, 37),), target="deploy", verify_each=True)
     assert small.fxexpand_report.verification.passed
+
+
+# -- contract traces the user's model without copying it: nothing of theirs may change ----------------
+class _CachingBlock(nn.Module):
+    """A forward that fills a cache attribute in eval mode (as timm's LeViT attention does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.cache = {}
+        self.calls = []
+
+    def forward(self, x):
+        if not self.training:
+            self.cache["last"] = x
+            self.calls.append(1)
+        return torch.relu(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("target", ["deploy", "original"])
+def test_contract_never_changes_the_model_it_traces_without_a_copy(target):
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), _CachingBlock(),
+                                       nn.Flatten(), nn.Linear(4 * 6 * 6, 3)))
+    model.train()
+    model[2].eval()  # mixed training flags are kept as they are
+    versions = {k: v._version for k, v in model.state_dict().items()}
+    tensors = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    snap = snapshot(model)
+    x = torch.randn(2, 3, 6, 6)
+    small = fxexpand.contract(model, (x,), target=target)
+    assert_unchanged(model, snap)
+    assert model[2].cache == {} and model[2].calls == []  # what tracing put there is gone
+    assert {k: v._version for k, v in model.state_dict().items()} == versions  # no tensor written in place
+    # the result shares no tensor and no module with the model
+    assert not tensors & {id(t) for t in [*small.parameters(), *small.buffers()]}
+    assert not {id(m) for m in model.modules()} & {id(m) for m in small.modules()}
+    assert small.fxexpand_report.verification.passed
+
+
+def test_a_failed_contraction_leaves_the_model_as_it_was():
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(x)
+            if x.sum() > 0:  # data-dependent control flow: tracing fails here
+                return self.conv(x)
+            return x
+
+    model = Bad().train()
+    snap = snapshot(model)
+    with pytest.raises(fxexpand.TraceError):
+        fxexpand.contract(model, (torch.randn(1, 3, 4, 4),))
+    assert_unchanged(model, snap)
+    assert model.seen == []

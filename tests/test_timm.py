@@ -97,20 +97,31 @@ def test_timm_autowrapped_functions_are_single_calls():
     assert torch.equal(gm(x), PosEmbed.forward(gm, x))
 
 
-def test_batchnormact_is_a_leaf_in_training_mode_and_traced_through_in_eval():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), BatchNormAct2d(4, act_layer=nn.ReLU))
+@pytest.mark.parametrize("drop", [0.0, 0.2])
+def test_batchnormact_is_a_leaf_in_both_modes_and_folds_with_its_activation(drop):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), BatchNormAct2d(4, act_layer=nn.ReLU, drop_layer=(
+        nn.Dropout if drop else None)), nn.Conv2d(4, 2, 1))
+    if drop:
+        model[1].drop = nn.Dropout(drop)
+    for mode in (model.train(), model.eval()):
+        gm = fxexpand.trace(mode)
+        assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1", "2"]
     gm_train = fxexpand.trace(model.train())
-    assert [n.target for n in gm_train.graph.nodes if n.op == "call_module"] == ["0", "1"]
-    gm_eval = fxexpand.trace(model.eval())
-    assert any(n.op == "call_function" and n.target is F.batch_norm for n in gm_eval.graph.nodes)
     # a graph compiled in training mode follows .eval(): the leaf reads self.training at run time
     randomize_bn(model)
     x = torch.randn(2, 3, 8, 8)
     expected = model.eval()(x)
     assert torch.equal(gm_train.eval()(x), expected)
-    small = fxexpand.contract(model, (x,), target="deploy")
-    assert small.fxexpand_report._count("folded") == 1
-    assert rel_error(expected, small(x)) < 1e-5
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        m = copy.deepcopy(model).to(dtype)
+        small = fxexpand.contract(m, (x.to(dtype),), target="deploy")
+        assert small.fxexpand_report._count("folded") == 1
+        assert rel_error(m(x.to(dtype)), small(x.to(dtype))) < tol
+        kinds = [type(small.get_submodule(n.target)).__name__ for n in small.graph.nodes if n.op == "call_module"]
+        assert kinds == ["Conv2d", "ReLU", "Conv2d"]  # the BatchNorm folded; its ReLU kept; eval Dropout removed
+        assert not any(isinstance(q, BatchNormAct2d) for q in small.modules())
+    # the user's model keeps its module (and its mode)
+    assert isinstance(model[1], BatchNormAct2d) and not model.training
 
 
 def test_without_timm_the_registrations_are_empty(monkeypatch):

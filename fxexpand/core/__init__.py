@@ -69,6 +69,7 @@ from .fx import (
     out_shape,
     propagate_shapes,
     replace_nodes_with_module,
+    replace_tensor,
     move_metadata_reads,
     set_module,
     unwrap,
@@ -174,7 +175,7 @@ __all__ = [
     "as_inputs", "attr_use_counts", "erase_if_dead", "fresh_name", "get_attr", "get_module", "has_module",
     "in_scope", "is_metadata_read", "metadata_reads", "module_call_count", "module_call_counts",
     "move_metadata_reads", "node_input", "node_label", "out_shape", "propagate_shapes",
-    "replace_nodes_with_module", "set_module", "unwrap", "value_users",
+    "replace_nodes_with_module", "replace_tensor", "set_module", "unwrap", "value_users",
     # infra
     "Note", "Pass", "PassManager", "PassResult", "ScopedPass", "build_pass", "get_pass", "register_pass",
     "registered_passes", "required_arguments", "unregister_pass",

@@ -107,6 +107,13 @@ def _bias64(op: LinearOp) -> torch.Tensor | None:
     return None if op.bias is None else op.bias.detach().to(torch.float64)
 
 
+def _is_channel_scale(op: LinearOp) -> bool:
+    """Whether ``op`` is a diagonal conv: depthwise with one channel per group, every kernel size,
+    stride 1 and no padding (its output channel c is its input channel c times ``weight[c]``)."""
+    return (op.kind == "conv" and op.groups == op.out_channels == op.in_channels
+            and all(k == 1 for k in op.kernel) and all(s == 1 for s in op.stride) and not any(op.padding))
+
+
 def compose(first: LinearOp, second: LinearOp) -> tuple[LinearOp | None, str]:
     """``second ∘ first`` as one op, or ``(None, reason)`` when that is not exact."""
     if first.kind != second.kind:
@@ -170,7 +177,19 @@ def compose(first: LinearOp, second: LinearOp) -> tuple[LinearOp | None, str]:
     out_c, in_c = second.out_channels, first.in_channels
     w1_full = first.weight.detach().double()
     w2_full = second.weight.detach().double()
-    if g1 == g2:
+    ones = (1,) * (nd + 1)
+    if _is_channel_scale(second):
+        # a per-channel scale after any conv (layer scale, a folded BatchNorm): the first conv's
+        # output channel c times s_c, in the first conv's geometry (the kernel, stride, padding and
+        # dilation worked out above are the first's) and groups
+        w = w1_full * w2_full.reshape(-1, *ones)
+        groups = g1
+    elif _is_channel_scale(first):
+        # a per-channel scale before any conv: the second conv's input channel c times s_c
+        s = w1_full.reshape(g2, 1, in_c // g2, *ones[1:])
+        w = (w2_full.reshape(g2, out_c // g2, in_c // g2, *k2) * s).reshape(out_c, in_c // g2, *k2)
+        groups = g2
+    elif g1 == g2:
         g = g1
         w1g = w1_full.reshape(g, first.out_channels // g, in_c // g, *k1)
         w2g = w2_full.reshape(g, out_c // g, first.out_channels // g, *k2)

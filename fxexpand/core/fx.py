@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import copy
 import io
 from collections import Counter
 from typing import Any, Iterable
@@ -16,7 +17,8 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .errors import FxExpandError, InputError
 from .provenance import region_of
@@ -52,6 +54,28 @@ def set_module(gm: nn.Module, qualname: str, module: nn.Module) -> None:
             mod.add_module(part, nn.Module())
         mod = getattr(mod, part)
     setattr(mod, last, module)
+
+
+def replace_tensor(gm: nn.Module, qualname: str, value: torch.Tensor) -> None:
+    """Make the parameter or buffer at ``qualname`` ``value`` without changing any module in place:
+    each module on the path is replaced by a shallow copy with its own registries (the tensors and
+    the other children stay shared). A GraphModule that shares its modules with the model it was
+    traced from (:func:`fxexpand.contract` does not copy the user's model) never writes into it."""
+    *path, name = qualname.split(".")
+    mod = gm
+    for part in path:
+        child = mod._modules[part]
+        clone = copy.copy(child)
+        for reg in ("_parameters", "_buffers", "_modules"):
+            clone.__dict__[reg] = dict(child.__dict__[reg])
+        mod._modules[part] = clone
+        mod = clone
+    if name in mod._parameters:
+        mod._parameters[name] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, value.requires_grad)
+    elif name in mod._buffers:
+        mod._buffers[name] = value
+    else:
+        raise AttributeError(f"{qualname} is not a parameter or buffer")
 
 
 def fresh_name(gm: nn.Module, base: str) -> str:
@@ -258,6 +282,29 @@ def as_inputs(example_inputs: Any) -> tuple:
     raise InputError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
+class _ShapeProp(ShapeProp):
+    """torch.fx's ShapeProp (real tensors, no fake mode) recording the same ``TensorMetadata`` with
+    what fxexpand reads (shape, dtype, requires_grad, stride) and without ShapeProp's per-node
+    memory-format probes and quantisation parameters (a fifth of a contraction's shape pass)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = fx.Interpreter.run_node(self, n)
+        found = False
+
+        def meta(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return TensorMetadata(obj.shape, obj.dtype, obj.requires_grad, obj.stride(), None, False, {})
+            return obj
+
+        tm = map_aggregate(result, meta)
+        if found:
+            n.meta["tensor_meta"] = tm
+        n.meta["type"] = type(result)
+        return result
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
     """Record output shapes on every node (``node.meta['tensor_meta']``) with ShapeProp, in eval mode.
 
@@ -272,7 +319,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
                 # one run; ShapeProp prints the traceback of a failing node, which the plain run
                 # below replaces with a clean message
                 with contextlib.redirect_stderr(io.StringIO()):
-                    ShapeProp(gm).propagate(*inputs)
+                    _ShapeProp(gm).propagate(*inputs)
             except Exception:
                 gm(*inputs)  # a plain run: the clean error message for inputs that do not fit
                 raise

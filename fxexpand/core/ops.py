@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .dynamic import norm_act_parts
 from .fx import fresh_name, get_attr, get_module, value_users
 
 __all__ = [
@@ -299,11 +300,19 @@ def linear_param_names(node: fx.Node) -> tuple[str, ...]:
 
 @dataclass
 class BNParams:
+    """An inference-mode batch norm ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``.
+
+    ``tail``: modules the batch norm's own module applies after it, in order (a BatchNorm +
+    activation leaf such as timm's ``BatchNormAct2d``: its ``drop`` and ``act`` unless they are
+    ``nn.Identity``). A rewrite that replaces the batch norm must call them after its result; one
+    that cannot (merging the batch norm as a linear branch) must refuse a non-empty tail."""
+
     running_mean: torch.Tensor
     running_var: torch.Tensor
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     eps: float
+    tail: tuple[nn.Module, ...] = ()
 
 
 def bn_of(gm: fx.GraphModule, node: fx.Node) -> tuple[BNParams | None, str]:
@@ -316,7 +325,9 @@ def bn_of(gm: fx.GraphModule, node: fx.Node) -> tuple[BNParams | None, str]:
             return None, "batch norm is in training mode (call .eval() first)"
         if not mod.track_running_stats or mod.running_mean is None:
             return None, "batch norm has no running statistics (track_running_stats=False)"
-        return BNParams(mod.running_mean, mod.running_var, mod.weight, mod.bias, float(mod.eps)), ""
+        parts = norm_act_parts(mod)
+        tail = tuple(m for m in parts if not isinstance(m, nn.Identity)) if parts is not None else ()
+        return BNParams(mod.running_mean, mod.running_var, mod.weight, mod.bias, float(mod.eps), tail), ""
     if node.op == "call_function" and node.target in BN_FUNCS:
         if node.target is torch.batch_norm:
             names = ["input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"]

@@ -12,7 +12,9 @@ Preconditions (otherwise the site is skipped and the reason recorded): the BN ha
 statistics and is in eval mode (or ``F.batch_norm(training=False)``); the conv's output has no user
 but the BN, not counting metadata reads (``y.shape``, ``y.dim()``, ``y.ndim``, ``len(y)``, ...,
 :func:`~fxexpand.core.value_users`: timm's ``BatchNormAct2d`` asserts its input's rank), which then
-read the folded op's output, of the same shape; the conv module (or its functional weights) is used at no other site (rule 7); a
+read the folded op's output, of the same shape. A BatchNorm + activation module (timm's
+``BatchNormAct2d``, a leaf: :attr:`~fxexpand.core.BNParams.tail`) folds the same way, and its
+``drop`` and ``act`` are called on the folded op's output. The conv module (or its functional weights) is used at no other site (rule 7); a
 linear feeding a BatchNorm1d produces a 2-D output (BN1d normalises dim 1, linear acts on the
 last dim).
 """
@@ -33,6 +35,7 @@ from ..core import (
     ScopedPass,
     attr_use_counts,
     bn_of,
+    fresh_name,
     get_module,
     in_scope,
     linear_op_of,
@@ -42,6 +45,7 @@ from ..core import (
     out_shape,
     register_pass,
     replace_nodes_with_module,
+    set_module,
     shared_use,
     site_name,
     value_users,
@@ -95,13 +99,27 @@ class FoldBatchNorm(ScopedPass):
                 notes.append(self.note("skipped", where, name))
                 continue
             # a BatchNorm keeps the shape: the conv's shape reads now read the folded output
-            replace_nodes_with_module(gm, [prev, node], new_module, node_input(prev), name, call_counts=live,
-                                      same_shape=[prev])
+            new = replace_nodes_with_module(gm, [prev, node], new_module, node_input(prev), name, call_counts=live,
+                                            same_shape=[prev])
+            for mod in bn.tail:  # a BatchNorm + activation module: its drop / act follow the folded op
+                new = self._call_after(gm, new, mod, f"{node_label(node)}_{type(mod).__name__.lower()}", live)
             notes.append(self.note("folded", where))
             modified = True
         if modified:
             gm.delete_all_unused_submodules()
         return PassResult(gm, modified, notes)
+
+    @staticmethod
+    def _call_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, base: str, live) -> fx.Node:
+        """Call ``module`` (elementwise: the shape is kept) on ``node``'s output, for all its users."""
+        name = fresh_name(gm, base)
+        set_module(gm, name, module)
+        with gm.graph.inserting_after(node):
+            call = gm.graph.call_module(name, (node,))
+        node.replace_all_uses_with(call, delete_user_cb=lambda u: u is not call)
+        call.meta = dict(node.meta)
+        live[name] += 1
+        return call
 
     @staticmethod
     def _check(gm: fx.GraphModule, prev: fx.Node, calls, uses) -> str:

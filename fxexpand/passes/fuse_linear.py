@@ -265,7 +265,7 @@ class FuseLinear(ScopedPass):
         ``as_input``: the batch norm feeds ``like`` (its channels are ``like``'s inputs), else it is a
         branch beside ``like`` (its channels are ``like``'s outputs)."""
         bn, _ = bn_of(gm, node)
-        if bn is None:
+        if bn is None or bn.tail:  # a batch norm followed by its own activation is not linear
             return None
         if node.op == "call_function":  # functional batch norm: its tensors must be this site's own
             attrs = [a.target for a in node.all_input_nodes if a.op == "get_attr"]

@@ -47,6 +47,7 @@ from ..core import (
     norm_padding,
     region_of,
     register_pass,
+    replace_tensor,
     set_module,
     traced_regions,
     value_users,
@@ -101,8 +102,8 @@ class RestoreOriginal(Pass):
                 if layer.bias is not None:
                     layer.bias.copy_(op.bias.detach() if op.bias is not None else torch.zeros_like(layer.bias))
                 if sink is not None:  # BN(y + b) = BN'(y) with running_mean' = running_mean - b
-                    mean = get_attr(gm, sink)
-                    mean.sub_(op.bias.detach().to(mean.dtype))
+                    mean = get_attr(gm, sink)  # a new tensor: the user's BatchNorm is never written
+                    replace_tensor(gm, sink, mean - op.bias.detach().to(mean.dtype))
                     notes.append(self.note("absorbed", f"{rname} -> {sink.removesuffix('.running_mean')}",
                                            "bias absorbed into the BatchNorm's running_mean"))
             set_module(gm, rname, layer)

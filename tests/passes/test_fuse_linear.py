@@ -381,6 +381,35 @@ def test_property_random_conv_chains_fuse_exactly(case):
     assert n_linear_ops(res.graph_module) == 1
 
 
+# -- a per-channel scale (a depthwise 1x1 conv) composed without a dense intermediate ------------
+SCALED = [
+    dict(in_channels=6, out_channels=8, kernel_size=3, padding=1),
+    dict(in_channels=6, out_channels=8, kernel_size=(3, 2), stride=2, dilation=(2, 1), padding=(2, 0), groups=2),
+    dict(in_channels=6, out_channels=12, kernel_size=3, groups=6, padding=1, stride=2),
+    dict(in_channels=6, out_channels=6, kernel_size=1, groups=6),
+]
+
+
+@pytest.mark.parametrize("bias1,bias2", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("conv", SCALED)
+@pytest.mark.parametrize("scale_first", [False, True], ids=["conv-scale", "scale-conv"])
+def test_channel_scale_composes_with_any_conv(conv, scale_first, bias1, bias2):
+    """A diagonal conv (depthwise, 1x1, stride 1, no padding: layer scale, a folded BatchNorm)
+    before or after a conv of any geometry; the composed op keeps that conv's geometry."""
+    torch.manual_seed(0)
+    c = conv["in_channels"] if scale_first else conv["out_channels"]
+    scale = nn.Conv2d(c, c, 1, groups=c, bias=bias1 if scale_first else bias2)
+    layer = nn.Conv2d(**conv, bias=bias2 if scale_first else bias1)
+    if scale_first and layer.padding != (0, 0) and scale.bias is not None:
+        scale.bias = None  # a biased first op before a padded conv is refused (rule 1)
+    model = nn.Sequential(scale, layer) if scale_first else nn.Sequential(layer, scale)
+    res = check_equivalent(lambda: FuseLinear(), model, torch.randn(2, 6, 11, 9))
+    mods = [m for m in res.graph_module.modules() if isinstance(m, nn.Conv2d)]
+    assert len(mods) == 1
+    assert (mods[0].groups, mods[0].kernel_size, mods[0].stride, mods[0].padding) == (
+        layer.groups, layer.kernel_size, layer.stride, layer.padding)
+
+
 # -- issue 16: subtracted branches, constant scales, BatchNorm before a linear op, timm-style blocks --
 class Sub(nn.Module):
     """``A(x) - B(x)``, ``x - A(x)`` and ``A(x) - x`` (FastViT's RepMixer subtracts a BN branch)."""
