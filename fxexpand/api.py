@@ -34,6 +34,7 @@ from .core import (
     VerifyReport,
     as_inputs,
     build_pass,
+    delete_unused_submodules,
     find_regions,
     get_record,
     keep_attr,
@@ -309,7 +310,7 @@ def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, conc
     # the managers return their graph with its code generated; only a change here needs it again
     if gm.graph.eliminate_dead_code():
         gm.recompile()
-    gm.delete_all_unused_submodules()
+    delete_unused_submodules(gm)
     if owner is not None:
         _own(gm, owner)
     gm.eval()

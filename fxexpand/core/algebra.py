@@ -49,6 +49,21 @@ def dense_weight(op: LinearOp) -> torch.Tensor:
     return dense.reshape(g * co, g * ci, *k)
 
 
+def _regrouped(op: LinearOp, groups: int) -> torch.Tensor:
+    """The weight of conv ``op`` (``op.groups`` a multiple of ``groups``) as a ``groups``-grouped
+    weight ``[C_out, C_in / groups, *k]`` (float64): output channel o of fine group j reads its
+    ``C_in / op.groups`` inputs at offset ``j·C_in/op.groups − J·C_in/groups`` inside coarse group J."""
+    w = op.weight.detach().to(torch.float64)
+    cout, per = w.shape[0], w.shape[1]
+    cin = per * op.groups
+    rows = torch.arange(cout, device=w.device)
+    fine, coarse = rows // (cout // op.groups), rows // (cout // groups)
+    cols = (fine * per - coarse * (cin // groups))[:, None] + torch.arange(per, device=w.device)[None, :]
+    out = w.new_zeros((cout, cin // groups, *w.shape[2:]))
+    out[rows[:, None], cols] = w
+    return out
+
+
 def grouped_weight(dense: torch.Tensor, groups: int) -> torch.Tensor:
     """Inverse of :func:`dense_weight` (takes the diagonal blocks)."""
     if groups == 1:
@@ -322,8 +337,13 @@ def sum_parallel(ops: list[LinearOp]) -> tuple[LinearOp | None, str]:
                   for o in ops)
               for i in range(nd))
     same_groups = all(o.groups == first.groups for o in ops)
-    if same_groups:
-        groups = first.groups
+    g_min = min(o.groups for o in ops)
+    nested = all(o.groups % g_min == 0 for o in ops)
+    if same_groups or nested:
+        # every branch's blocks lie inside the coarsest branch's (e.g. a dense or grouped kxk plus a
+        # depthwise BatchNorm / identity branch): the sum has the coarsest grouping, and a finer
+        # branch is written into it block by block, without a dense C_out x C_in intermediate
+        groups = g_min
         w = torch.zeros(first.out_channels, first.in_channels // groups, *K, dtype=torch.float64,
                         device=first.weight.device)
     else:
@@ -333,9 +353,14 @@ def sum_parallel(ops: list[LinearOp]) -> tuple[LinearOp | None, str]:
         groups = max_groups(mask, limit=min(o.groups for o in ops))
         w = torch.zeros(first.out_channels, first.in_channels, *K, dtype=torch.float64, device=first.weight.device)
     for o in ops:
-        src = o.weight.detach().double() if same_groups else dense_weight(o)
+        if same_groups or (nested and o.groups == groups):
+            src = o.weight.detach().double()
+        elif nested:
+            src = _regrouped(o, groups)
+        else:
+            src = dense_weight(o)
         step = tuple(o.dilation[i] // D[i] if o.kernel[i] > 1 else 1 for i in range(nd))
         _add_taps(w, src, tuple((P[i] - o.padding[i]) // D[i] for i in range(nd)), step, o.kernel, lead=2)
-    if not same_groups:
+    if not (same_groups or nested):
         w = grouped_weight(w, groups)
     return _finish(first, "conv", w, b, stride=first.stride, padding=P, dilation=D, groups=groups), ""

@@ -27,7 +27,7 @@ __all__ = [
     "get_module", "get_attr", "set_module", "fresh_name", "has_module", "module_call_count",
     "module_call_counts", "attr_use_counts", "is_metadata_read", "value_users", "metadata_reads",
     "move_metadata_reads", "node_input", "out_shape", "node_label",
-    "in_scope", "erase_if_dead", "replace_nodes_with_module", "as_inputs", "propagate_shapes", "unwrap",
+    "in_scope", "erase_if_dead", "replace_nodes_with_module", "delete_unused_submodules", "as_inputs", "propagate_shapes", "unwrap",
 ]
 
 def get_module(gm: nn.Module, qualname: str) -> nn.Module:
@@ -76,6 +76,32 @@ def replace_tensor(gm: nn.Module, qualname: str, value: torch.Tensor) -> None:
         mod._buffers[name] = value
     else:
         raise AttributeError(f"{qualname} is not a parameter or buffer")
+
+
+def delete_unused_submodules(gm: fx.GraphModule) -> None:
+    """Delete every submodule of ``gm`` that no ``call_module`` / ``get_attr`` node reaches (what
+    :meth:`torch.fx.GraphModule.delete_all_unused_submodules` does) in one walk of the module tree:
+    torch's walks a called module's subtree per call site and deletes each module by its path,
+    a tenth of a contraction's time on a timm model. A called module is kept whole; a module is kept
+    if a node's target lies under it; nothing is visited inside a kept module's own children."""
+    called: set[str] = set()
+    prefixes: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op in ("call_module", "get_attr") and isinstance(n.target, str):
+            parts = n.target.split(".")
+            prefixes.update(".".join(parts[:i]) for i in range(1, len(parts)))
+            called.add(n.target)  # a tensor attribute is no module; a module attribute stays whole
+    stack = [("", gm)]
+    while stack:
+        path, mod = stack.pop()
+        for name in list(mod._modules):
+            sub = f"{path}{name}"
+            if sub in called:
+                continue
+            if sub in prefixes:
+                stack.append((sub + ".", mod._modules[name]))
+            else:
+                del mod._modules[name]
 
 
 def fresh_name(gm: nn.Module, base: str) -> str:

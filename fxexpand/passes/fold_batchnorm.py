@@ -35,6 +35,7 @@ from ..core import (
     ScopedPass,
     attr_use_counts,
     bn_of,
+    delete_unused_submodules,
     fresh_name,
     get_module,
     in_scope,
@@ -106,7 +107,7 @@ class FoldBatchNorm(ScopedPass):
             notes.append(self.note("folded", where))
             modified = True
         if modified:
-            gm.delete_all_unused_submodules()
+            delete_unused_submodules(gm)
         return PassResult(gm, modified, notes)
 
     @staticmethod

@@ -49,23 +49,24 @@ from ..core import (
     bn_as_op,
     bn_of,
     compose,
+    delete_unused_submodules,
     identity_like,
     in_scope,
     is_add,
+    is_sub,
     linear_op_of,
+    metadata_reads,
     module_call_counts,
+    move_metadata_reads,
+    negate,
     node_input,
     node_label,
     out_shape,
     register_pass,
     replace_nodes_with_module,
-    shared_use,
-    is_sub,
-    metadata_reads,
-    move_metadata_reads,
-    negate,
     scale_as_op,
     scale_of,
+    shared_use,
     site_name,
     sum_parallel,
     value_users,
@@ -146,14 +147,20 @@ class FuseLinear(ScopedPass):
             if node.graph is not gm.graph or node.op == "output":
                 continue
             if is_add(node) or is_sub(node):
-                done, note = self._try_add(gm, node, calls, uses, live)
+                if self._inside_sum(node):
+                    continue  # the sum it feeds merges it (see _try_sum)
+                for done, note in self._try_sum(gm, node, calls, uses, live):
+                    if note is not None:
+                        notes.append(note)
+                    modified |= done
+                continue
             else:
                 done, note = self._try_sequential(gm, node, calls, uses, live)
             if note is not None:
                 notes.append(note)
             modified |= done
         if modified:
-            gm.delete_all_unused_submodules()
+            delete_unused_submodules(gm)
         return PassResult(gm, modified, notes)
 
     def _read_pair(self, gm, node, uses):
@@ -219,6 +226,103 @@ class FuseLinear(ScopedPass):
         replace_nodes_with_module(gm, [prev, node], fused.to_module(), node_input(prev), site_name(gm, node, "fused"),
                                   call_counts=live, same_shape=[prev] if reads_to == "fused" else ())
         return True, self.note("fused", where, "sequential")
+
+    @staticmethod
+    def _inside_sum(node: fx.Node) -> bool:
+        """Whether ``node`` (an add / sub) is an inner term of a larger sum: its one user is an add or
+        a sub, which merges the whole sum at once."""
+        if len(node.users) != 1:
+            return False
+        user = next(iter(node.users))
+        return is_add(user) or is_sub(user)
+
+    @staticmethod
+    def _sum_terms(root: fx.Node) -> tuple[list[tuple[fx.Node, float]], list[fx.Node]]:
+        """``(terms with their signs, inner add / sub nodes in graph order)`` of the sum ending at
+        ``root``: ``((s + i) + k1) - k2`` has terms s, i, k1 (+1) and k2 (-1)."""
+        terms, inner = [], []
+
+        def walk(n: fx.Node, sign: float) -> None:
+            for i, a in enumerate(n.args):
+                s = -sign if (i == 1 and is_sub(n)) else sign
+                if a is not root and (is_add(a) or is_sub(a)) and len(a.users) == 1:
+                    inner.append(a)
+                    walk(a, s)
+                else:
+                    terms.append((a, s))
+
+        walk(root, 1.0)
+        return terms, sorted(inner)
+
+    def _try_sum(self, gm, root, calls, uses, live) -> list:
+        """A sum of several terms (MobileOne's k branches + scale + BatchNorm identity, RepVGG's three)
+        merged at once into one op: one composition and one module instead of one per add. When the
+        terms do not all merge, each add is tried on its own, innermost first (:meth:`_try_add`)."""
+        terms, inner = self._sum_terms(root)
+        if not inner:
+            return [self._try_add(gm, root, calls, uses, live)]
+        merged = self._merge_sum(gm, root, terms, inner, calls, uses, live)
+        if merged is not None:
+            return [merged]
+        results = []
+        for n in inner + [root]:
+            if n.graph is gm.graph:
+                results.append(self._try_add(gm, n, calls, uses, live))
+        return results
+
+    def _merge_sum(self, gm, root, terms, inner, calls, uses, live):
+        """``(True, note)`` when every term of the sum is a linear op, a BatchNorm / constant-scale
+        branch of one common input x, or x itself, and the merge is exact and allowed; None
+        otherwise (the caller then tries each add on its own)."""
+        linear = {n: linear_op_of(gm, n)[0] for n, _ in terms}
+        inputs = {node_input(n) for n, op in linear.items() if op is not None}
+        if len(inputs) != 1 or None in inputs:
+            return None
+        x = next(iter(inputs))
+        like = next(op for op in linear.values() if op is not None)
+        ops: dict[fx.Node, LinearOp] = {}
+        residual = 0.0
+        for n, sign in terms:
+            if n is x:
+                residual += sign
+                continue
+            op = linear[n]
+            if op is None and node_input(n) is x:
+                op = self._bn_branch(gm, n, like, uses)
+            if op is None:
+                scale = scale_of(gm, n)
+                if scale is not None and scale[0] is x and _same_meta(n, x):
+                    op = scale_as_op(scale[1], like, out_shape(n))
+            if op is None or n in ops:
+                return None
+            ops[n] = negate(op) if sign < 0 else op
+        branches = list(ops)
+        ok, region = in_scope(gm, branches + inner + [root], self.scope)
+        if not ok:
+            return None
+        shape = out_shape(root)
+        if shape is None or any(out_shape(n) != shape for n in branches) or (residual and out_shape(x) != shape):
+            return None
+        if any(len(value_users(n)) != 1 or shared_use(n, calls, uses) for n in branches):
+            return None
+        op_list = list(ops.values())
+        if residual:
+            if like.kind == "conv" and any(st != 1 for st in like.stride) or like.in_channels != like.out_channels:
+                return None
+            if residual not in (1.0, -1.0):
+                return None
+            ident = identity_like(like, like.in_channels)
+            op_list.append(ident if residual > 0 else negate(ident))
+        if len({o.weight.dtype for o in op_list}) != 1:
+            return None
+        fused, _ = sum_parallel(op_list)
+        if fused is None or self._profitable(region, [(ops[n], n) for n in branches], fused, root):
+            return None
+        name = site_name(gm, branches[0], "fused")
+        replace_nodes_with_module(gm, branches + inner + [root], fused.to_module(), x, name, call_counts=live,
+                                  same_shape=branches + inner)
+        where = " + ".join(["x"] * bool(residual) + [node_label(n) for n in branches]) + f" -> {root.name}"
+        return True, self.note("fused", where, f"sum of {len(op_list)} terms")
 
     def _try_add(self, gm, node, calls, uses, live):
         """``a + b`` or ``a - b`` whose operands are linear ops (or BatchNorm / constant-scale branches

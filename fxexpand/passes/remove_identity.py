@@ -21,9 +21,8 @@ Pattern → rewrite (``y = op(x)`` → uses of ``y`` become uses of ``x``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -34,6 +33,7 @@ from ..core import (
     DecayActivation,
     PassResult,
     ScopedPass,
+    delete_unused_submodules,
     get_module,
     in_scope,
     node_input,
@@ -84,7 +84,7 @@ class RemoveIdentity(ScopedPass):
             notes.append(self.note("removed", node_label(node), reason))
             modified = True
         if modified:
-            gm.delete_all_unused_submodules()
+            delete_unused_submodules(gm)
         return PassResult(gm, modified, notes)
 
     @staticmethod

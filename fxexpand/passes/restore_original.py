@@ -39,6 +39,7 @@ from ..core import (
     bias_sink,
     bn_of,
     build_layer,
+    delete_unused_submodules,
     get_attr,
     get_module,
     linear_op_of,
@@ -109,7 +110,7 @@ class RestoreOriginal(Pass):
             set_module(gm, rname, layer)
             node.target = rname
             notes.append(self.note("restored", rname, f"{type_name} from 1 contracted op"))
-        gm.delete_all_unused_submodules()
+        delete_unused_submodules(gm)
         return PassResult(gm, True, notes)
 
     def _check_geometry(self, rname, layer, op) -> None:

@@ -209,6 +209,13 @@ class Parallel(nn.Module):
         (nn.Conv2d(4, 6, 3, padding=2, dilation=2), nn.Conv2d(4, 6, 3, padding=1), (1, 4, 10, 9)),
         (nn.Conv1d(3, 5, 3, padding=1), nn.Conv1d(3, 5, 5, padding=2), (2, 3, 12)),
         (nn.Linear(4, 6), nn.Linear(4, 6, bias=False), (3, 4)),
+        # nested groupings: the finer branch is written into the coarser one's blocks
+        (nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1, groups=4), (2, 4, 7, 6)),
+        (nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 8, 3, padding=1, groups=8), (1, 8, 7, 7)),
+        (nn.Conv2d(6, 12, 3, padding=1, stride=2, groups=3), nn.Conv2d(6, 12, 1, stride=2, groups=6), (2, 6, 9, 8)),
+        (nn.Conv2d(8, 4, 3, padding=1, groups=2), nn.Conv2d(8, 4, 3, padding=1, groups=4), (1, 8, 6, 6)),
+        # not nested (groups 2 and 3): the dense path
+        (nn.Conv2d(6, 6, 3, padding=1, groups=2), nn.Conv2d(6, 6, 1, groups=3), (1, 6, 5, 5)),
     ],
 )
 def test_parallel_branches(a, b, shape):
