@@ -129,6 +129,14 @@ def _is_channel_scale(op: LinearOp) -> bool:
             and all(k == 1 for k in op.kernel) and all(s == 1 for s in op.stride) and not any(op.padding))
 
 
+def _diagonal(w: torch.Tensor) -> torch.Tensor | None:
+    """The diagonal of a square matrix whose nonzeros all lie on it, else None."""
+    if w.dim() != 2 or w.shape[0] != w.shape[1]:
+        return None
+    d = torch.diagonal(w)
+    return d if int(torch.count_nonzero(w)) == int(torch.count_nonzero(d)) else None
+
+
 def compose(first: LinearOp, second: LinearOp) -> tuple[LinearOp | None, str]:
     """``second ∘ first`` as one op, or ``(None, reason)`` when that is not exact."""
     if first.kind != second.kind:
@@ -138,7 +146,15 @@ def compose(first: LinearOp, second: LinearOp) -> tuple[LinearOp | None, str]:
     b1, b2 = _bias64(first), _bias64(second)
     if first.kind == "linear":
         w1, w2 = first.weight.detach().double(), second.weight.detach().double()
-        w = w2 @ w1
+        # a diagonal factor (a BatchNorm1d, a constant scale) scales rows / columns: the same sums
+        # as the matrix product (its other terms are zeros), without the O(n^3) product
+        d1, d2 = _diagonal(w1), _diagonal(w2)
+        if d2 is not None:
+            w = d2[:, None] * w1
+        elif d1 is not None:
+            w = w2 * d1[None, :]
+        else:
+            w = w2 @ w1
         b = None
         if b1 is not None:
             b = w2 @ b1
