@@ -30,6 +30,7 @@ from .core import (
     Note,
     ParameterOrigins,
     Pass,
+    PassError,
     PassManager,
     Recipe,
     VerifyReport,
@@ -300,7 +301,9 @@ def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, conc
     """Contract ``work`` (in eval mode). ``owner``: a module whose submodules and tensors the result
     must not share (``work`` itself when it is the user's model, traced without a copy)."""
     work.eval()
-    gm = _traced_with_records(work, leaf_modules=leaf_modules, concrete_args=concrete_args, inline_regions=True)
+    # lazy: the code of the traced graph is never needed, only the contracted graph's (generated once, below)
+    gm = _traced_with_records(work, leaf_modules=leaf_modules, concrete_args=concrete_args, inline_regions=True,
+                              lazy=True)
     propagate_shapes(gm, inputs)
     notes: list[Note] = []
     for manager in pipelines.contraction(target, extra_passes=tuple(extra_passes), verify_each=verify_each,
@@ -308,14 +311,33 @@ def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, conc
         result = manager(gm)
         gm = result.graph_module
         notes += result.notes
-    # the managers return their graph with its code generated; only a change here needs it again
-    if gm.graph.eliminate_dead_code():
-        gm.recompile()
+    gm.graph.eliminate_dead_code()
     delete_unused_submodules(gm)
     if owner is not None:
         _own(gm, owner)
+    gm = _code_generated(gm, type(work).__name__)
     gm.eval()
     return gm, notes + _unknown_layer_notes(gm)
+
+
+def _code_generated(gm: fx.GraphModule, class_name: str) -> fx.GraphModule:
+    """A plain GraphModule with the code of ``gm``'s graph generated (``gm`` may be torch.fx's lazy
+    GraphModule), the same submodules, metadata and records; an invalid graph raises here."""
+    if not hasattr(gm, "real_recompile"):  # a plain GraphModule (torch without the lazy one)
+        gm.recompile()
+        return gm
+    try:
+        out = fx.GraphModule(gm, gm.graph, class_name)
+    except Exception as e:
+        raise PassError(f"contraction produced an invalid graph: {type(e).__name__}: {e}") from e
+    out.meta = gm.meta
+    for name, value in gm.meta.get("_user_preserved_attributes", {}).items():
+        setattr(out, name, value)
+    for name, value in vars(gm).items():  # records set as plain attributes (transient ones included)
+        if name.startswith("_fxexpand"):
+            setattr(out, name, value)
+    out.train(gm.training)
+    return out
 
 
 def _own(gm: fx.GraphModule, owner: nn.Module) -> None:

@@ -86,6 +86,15 @@ def _timm_leaves() -> tuple[tuple[type, ...], tuple[type, ...]]:
     return (tuple(t for t in leaves if not issubclass(t, bn)), tuple(t for t in leaves if issubclass(t, bn)))
 
 
+def _lazy_graph_module_cls() -> type[fx.GraphModule] | None:
+    """torch.fx's ``_LazyGraphModule`` (code generated at first use; torch >= 2.3), or None."""
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:  # pragma: no cover - older torch: code generated at once
+        return None
+    return _LazyGraphModule
+
+
 def _is_norm_act(m: nn.Module) -> bool:
     """A BatchNorm + activation leaf that :func:`~fxexpand.core.bn_of` reads in eval mode: a
     ``BatchNorm1d/2d/3d`` subclass made of the batch norm, ``drop`` and ``act``."""
@@ -216,6 +225,7 @@ def trace(
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
     inline_regions: bool = False,
+    lazy: bool = False,
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` into a :class:`torch.fx.GraphModule`.
 
@@ -228,6 +238,9 @@ def trace(
         inline_regions: trace *through* :class:`~fxexpand.provenance.ExpandedRegion` containers
             (contraction does this); by default each region stays one opaque call, so the traced
             module keeps the region objects and their provenance.
+        lazy: return torch.fx's lazy GraphModule, whose Python code is generated when it is first
+            needed (a call, ``.code``) instead of at once: for a caller that rewrites the graph
+            before running it (:func:`fxexpand.contract`); ``recompile()`` then only marks it.
 
     :class:`~fxexpand.modules.DecayActivation` and :class:`~fxexpand.core.DynamicLayer` are always
     kept as single calls. When ``model`` is
@@ -238,7 +251,7 @@ def trace(
         TraceError: if torch.fx cannot trace the model; the message names the module and the line.
     """
     return trace_with_calls(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                            inline_regions=inline_regions)[0]
+                            inline_regions=inline_regions, lazy=lazy)[0]
 
 
 ModuleCall = tuple  # (qualified name, module, first input node, output node, first node index, end index)
@@ -250,6 +263,7 @@ def trace_with_calls(
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
     inline_regions: bool = False,
+    lazy: bool = False,
 ) -> tuple[fx.GraphModule, list[ModuleCall]]:
     """:func:`trace`, also returning every module call seen while tracing, in the order the calls
     returned: ``(qualified name, module, input node, output node, start, end)`` where the call
@@ -289,7 +303,8 @@ def trace_with_calls(
             "forward() argument selects the code path, fix it with concrete_args={name: value}."
         ) from e
     name = type(model).__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
+    gm = (_lazy_graph_module_cls() or fx.GraphModule)(tracer.root, graph, name) if lazy else (
+        fx.GraphModule(tracer.root, graph, name))
     # a cache (gm.meta is not pickled): regions traced through, for scope="expanded" passes
     set_traced_regions(gm, {name: (r.original_type, dict(r.original_config)) for name, r in find_regions(model).items()}
                        if inline_regions else {})
