@@ -323,10 +323,11 @@ def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, conc
 def _code_generated(gm: fx.GraphModule, class_name: str) -> fx.GraphModule:
     """A plain GraphModule with the code of ``gm``'s graph generated (``gm`` may be torch.fx's lazy
     GraphModule), the same submodules, metadata and records; an invalid graph raises here."""
-    if not hasattr(gm, "real_recompile"):  # a plain GraphModule (torch without the lazy one)
-        gm.recompile()
-        return gm
     try:
+        gm.graph.lint()
+        if not hasattr(gm, "real_recompile"):  # a plain GraphModule (torch without the lazy one)
+            gm.recompile()
+            return gm
         out = fx.GraphModule(gm, gm.graph, class_name)
     except Exception as e:
         raise PassError(f"contraction produced an invalid graph: {type(e).__name__}: {e}") from e

@@ -62,7 +62,9 @@ def contraction(
     scope = "expanded" if target == "original" else "all"
     passes: list[Pass] = [RemoveIdentity(scope=scope), FoldBatchNorm(scope=scope), FuseLinear(scope=scope),
                           *[build_pass(p) for p in extra_passes]]
-    opts = dict(verify_each=verify_each, example_inputs=example_inputs, rtol=rtol, atol=atol)
+    # the graph is linted once, when contract() generates its code (graph.lint() after every pass
+    # was a tenth of a contraction); verify_each keeps the per-pass lint with its per-pass checks
+    opts = dict(verify_each=verify_each, example_inputs=example_inputs, rtol=rtol, atol=atol, lint=verify_each)
     managers = [PassManager(passes=[ExtractBase(), RemoveExits()], **opts),
                 PassManager(passes=passes, fixed_point=True, **opts)]
     if target == "original":

@@ -8,6 +8,8 @@ as ``call_function`` (``F.conv2d``, ``F.batch_norm``, ``F.linear``, ``operator.a
 
 from __future__ import annotations
 
+import collections
+import copy
 import math
 import operator
 from collections import Counter
@@ -193,27 +195,48 @@ class LinearOp:
         """A fresh ``nn.ConvNd`` / ``nn.Linear`` holding these parameters."""
         w = self.weight.detach()
         b = None if self.bias is None else self.bias.detach()
-        # built on the meta device without initialisation (the weights are replaced at once: even on
-        # the meta device, kaiming_uniform_ runs torch's Python decompositions, ~20 % of contraction),
-        # then given the parameters; the module is a plain nn.ConvNd / nn.Linear afterwards
-        if self.kind == "linear":
-            cls = nn.Linear
-            m = _without_init(cls)(w.shape[1], w.shape[0], bias=b is not None, device="meta", dtype=w.dtype)
-        else:
-            cls = CONV_TYPES[self.nd]
-            m = _without_init(cls)(
-                self.in_channels, self.out_channels, self.kernel, stride=self.stride,
-                padding=self.padding, dilation=self.dilation, groups=self.groups,
-                bias=b is not None, device="meta", dtype=w.dtype,
-            )
-        m.__class__ = cls
-        m.weight = nn.Parameter(w.clone().contiguous())
-        if b is not None:
-            m.bias = nn.Parameter(b.clone().contiguous())
+        m = _module_like(self, b is not None, w.dtype)
+        m._parameters["weight"] = nn.Parameter(w.clone().contiguous())
+        m._parameters["bias"] = nn.Parameter(b.clone().contiguous()) if b is not None else None
         return m
 
 
 _NO_INIT: dict[type, type] = {}
+_TEMPLATES: dict[tuple, nn.Module] = {}
+
+
+def _module_like(op: LinearOp, bias: bool, dtype: torch.dtype) -> nn.Module:
+    """A new ``nn.ConvNd`` / ``nn.Linear`` of ``op``'s geometry whose parameters the caller sets.
+
+    The first module of each geometry is built on the meta device without initialisation (even on
+    the meta device, kaiming_uniform_ runs torch's Python decompositions, ~20 % of contraction) and
+    kept as a template; every module is a shallow copy of it with its own registries (dicts and
+    sets: parameters, buffers, children, hooks), which is a fifth of a constructor call. The module
+    is a plain nn.ConvNd / nn.Linear; its parameters are the meta template's until set."""
+    if op.kind == "linear":
+        key: tuple = (nn.Linear, op.weight.shape[1], op.weight.shape[0], bias, dtype)
+    else:
+        key = (CONV_TYPES[op.nd], op.in_channels, op.out_channels, op.kernel, op.stride, op.padding, op.dilation,
+               op.groups, bias, dtype)
+    template = _TEMPLATES.get(key)
+    if template is None:
+        cls = key[0]
+        if op.kind == "linear":
+            template = _without_init(cls)(key[1], key[2], bias=bias, device="meta", dtype=dtype)
+        else:
+            template = _without_init(cls)(op.in_channels, op.out_channels, op.kernel, stride=op.stride,
+                                          padding=op.padding, dilation=op.dilation, groups=op.groups, bias=bias,
+                                          device="meta", dtype=dtype)
+        template.__class__ = cls
+        if len(_TEMPLATES) > 512:
+            _TEMPLATES.clear()
+        _TEMPLATES[key] = template
+    m = copy.copy(template)
+    state = m.__dict__
+    for k, v in state.items():
+        if type(v) in (dict, set, collections.OrderedDict):
+            state[k] = v.copy()
+    return m
 
 
 def _without_init(cls: type[nn.Module]) -> type[nn.Module]:
