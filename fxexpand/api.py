@@ -311,7 +311,8 @@ def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, conc
         result = manager(gm)
         gm = result.graph_module
         notes += result.notes
-    gm.graph.eliminate_dead_code()
+    if any(not n.users and n.op not in ("output", "placeholder") for n in gm.graph.nodes):
+        gm.graph.eliminate_dead_code()  # (its purity checks cost more than this scan)
     delete_unused_submodules(gm)
     if owner is not None:
         _own(gm, owner)
@@ -414,13 +415,25 @@ def _state_restored(model: nn.Module):
         yield
     finally:
         for m, state, inner in saved:
-            if not _same_items(m.__dict__, state):
+            if not _unchanged(m.__dict__, state):
                 m.__dict__.clear()
                 m.__dict__.update(state)
             for obj, content in inner:
-                if not _same_items(obj, content):
+                if not _unchanged(obj, content):
                     obj.clear()
                     obj.extend(content) if isinstance(obj, list) else obj.update(content)
+
+
+def _unchanged(now: Any, before: Any) -> bool:
+    """Whether a dict / list / set holds what it held: compared in C (``==`` takes an item that is
+    the same object as equal without calling its ``__eq__``), item by item by identity when an
+    ``__eq__`` (a tensor's, a tracing proxy's) gets in the way."""
+    try:
+        if now == before:
+            return True
+    except Exception:
+        pass
+    return _same_items(now, before)
 
 
 _REGISTRIES = frozenset({"_parameters", "_buffers", "_modules"})

@@ -114,18 +114,24 @@ def _run(model: nn.Module, inputs: tuple, which: str) -> Any:
 
 def nonfinite_tensors(model: nn.Module) -> list[str]:
     """``"name (k of n values)"`` for every floating parameter or buffer holding NaN or Inf."""
-    named = [(name, t) for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
-             if t.is_floating_point() and t.numel()]
-    if not named:
+    seen: set[int] = set()
+    tensors = []
+    for m in model.modules():  # one walk, no names: they are built only when a value is bad
+        for t in itertools.chain(m._parameters.values(), m._buffers.values()):
+            if t is not None and id(t) not in seen and t.is_floating_point() and t.numel():
+                seen.add(id(t))
+                tensors.append(t.detach())
+    if not tensors:
         return []
     with torch.no_grad():
         # one fused pass: a NaN or Inf makes its tensor's 2-norm non-finite (so does an overflow of
         # huge finite values, which the exact check below then clears)
-        norms = torch._foreach_norm([t.detach() for _, t in named], 2)
+        norms = torch._foreach_norm(tensors, 2)
         if bool(torch.stack([n.float() for n in norms]).isfinite().all()):
             return []
     return [f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
-            for name, t in named if not bool(torch.isfinite(t).all())]
+            for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 
