@@ -31,12 +31,17 @@ __all__ = [
 ]
 
 def get_module(gm: nn.Module, qualname: str) -> nn.Module:
+    if not qualname:
+        return gm
     mod = gm
-    for part in qualname.split(".") if qualname else []:
+    for part in qualname.split("."):
         # a submodule straight from ``_modules`` (nn.Module.__getattr__ reaches it only after a failed
-        # normal lookup, which made this walk a visible share of a pass); anything else via getattr
-        sub = mod._modules.get(part) if isinstance(mod, nn.Module) and part not in mod.__dict__ else None
-        mod = sub if sub is not None else getattr(mod, part)
+        # normal lookup, which made this walk a visible share of a pass; nn.Module never keeps a
+        # name both there and in ``__dict__``); anything else via getattr
+        try:
+            mod = mod._modules[part]
+        except (AttributeError, KeyError, TypeError):
+            mod = getattr(mod, part)
     return mod
 
 
