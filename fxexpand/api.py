@@ -302,8 +302,10 @@ def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, conc
     must not share (``work`` itself when it is the user's model, traced without a copy)."""
     work.eval()
     # lazy: the code of the traced graph is never needed, only the contracted graph's (generated once, below)
+    # target "deploy": identities and eval-mode dropout never enter the graph (RemoveIdentity would
+    # remove every one of them); "original" keeps them outside the expanded regions
     gm = _traced_with_records(work, leaf_modules=leaf_modules, concrete_args=concrete_args, inline_regions=True,
-                              lazy=True)
+                              lazy=True, drop_identities=target == "deploy")
     propagate_shapes(gm, inputs)
     notes: list[Note] = []
     for manager in pipelines.contraction(target, extra_passes=tuple(extra_passes), verify_each=verify_each,

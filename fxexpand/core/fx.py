@@ -58,7 +58,10 @@ def set_module(gm: nn.Module, qualname: str, module: nn.Module) -> None:
         if not hasattr(mod, part):
             mod.add_module(part, nn.Module())
         mod = getattr(mod, part)
-    setattr(mod, last, module)
+    if last in mod._modules:  # replacing a child: the registry entry is all nn.Module.__setattr__ would change
+        mod._modules[last] = module
+    else:
+        setattr(mod, last, module)
 
 
 def replace_tensor(gm: nn.Module, qualname: str, value: torch.Tensor) -> None:
@@ -285,8 +288,8 @@ def replace_nodes_with_module(
     # a metadata read sits after the node it reads and may come before ``last``: the new node then
     # goes before the chain's first node (its input is defined before the whole chain)
     where = min(chain) if same_shape else last
-    with gm.graph.inserting_before(where):
-        new = gm.graph.call_module(name, (input_node,))
+    with gm.graph.inserting_before(where):  # (graph.call_module would look the module up again)
+        new = gm.graph.create_node("call_module", name, (input_node,))
     new.meta = dict(last.meta)
     first_stack = chain[0].meta.get("nn_module_stack")
     if first_stack is not None and "nn_module_stack" not in new.meta:
@@ -317,6 +320,11 @@ class _ShapeProp(ShapeProp):
     """torch.fx's ShapeProp (real tensors, no fake mode) recording the same ``TensorMetadata`` with
     what fxexpand reads (shape, dtype, requires_grad, stride) and without ShapeProp's per-node
     memory-format probes and quantisation parameters (a fifth of a contraction's shape pass)."""
+
+    def fetch_attr(self, target: str) -> Any:
+        # torch's walks the path with hasattr + getattr per atom (nn.Module.__getattr__, twice);
+        # the module registry first (the same object), a third of the interpreter's overhead
+        return get_module(self.module, target)
 
     def run_node(self, n: fx.Node) -> Any:
         result = fx.Interpreter.run_node(self, n)

@@ -168,7 +168,14 @@ class _FxExpandTracer(fx.Tracer):
                 return self.create_node("get_attr", name, (), {})
         return super().create_arg(a)
 
+    #: skip ``nn.Identity`` modules and eval-mode dropout modules: their output is their input, so
+    #: they get no node (set by :func:`trace` with ``drop_identities=True``)
+    drop_identities: bool = False
+
     def call_module(self, m, forward, args, kwargs):
+        if (self.drop_identities and len(args) == 1 and not kwargs and isinstance(args[0], fx.Proxy)
+                and (isinstance(m, nn.Identity) or (isinstance(m, nn.modules.dropout._DropoutNd) and not m.training))):
+            return args[0]
         try:
             start = len(self.graph.nodes)
             out = super().call_module(m, forward, args, kwargs)
@@ -226,6 +233,7 @@ def trace(
     concrete_args: dict[str, Any] | None = None,
     inline_regions: bool = False,
     lazy: bool = False,
+    drop_identities: bool = False,
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` into a :class:`torch.fx.GraphModule`.
 
@@ -241,6 +249,9 @@ def trace(
         lazy: return torch.fx's lazy GraphModule, whose Python code is generated when it is first
             needed (a call, ``.code``) instead of at once: for a caller that rewrites the graph
             before running it (:func:`fxexpand.contract`); ``recompile()`` then only marks it.
+        drop_identities: give ``nn.Identity`` modules and dropout modules in eval mode no node (their
+            output is their input): what :class:`~fxexpand.passes.RemoveIdentity` would remove
+            anyway, never traced (``contract(target="deploy")``).
 
     :class:`~fxexpand.modules.DecayActivation` and :class:`~fxexpand.core.DynamicLayer` are always
     kept as single calls. When ``model`` is
@@ -251,7 +262,7 @@ def trace(
         TraceError: if torch.fx cannot trace the model; the message names the module and the line.
     """
     return trace_with_calls(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                            inline_regions=inline_regions, lazy=lazy)[0]
+                            inline_regions=inline_regions, lazy=lazy, drop_identities=drop_identities)[0]
 
 
 ModuleCall = tuple  # (qualified name, module, first input node, output node, first node index, end index)
@@ -264,6 +275,7 @@ def trace_with_calls(
     concrete_args: dict[str, Any] | None = None,
     inline_regions: bool = False,
     lazy: bool = False,
+    drop_identities: bool = False,
 ) -> tuple[fx.GraphModule, list[ModuleCall]]:
     """:func:`trace`, also returning every module call seen while tracing, in the order the calls
     returned: ``(qualified name, module, input node, output node, start, end)`` where the call
@@ -282,6 +294,7 @@ def trace_with_calls(
     if isinstance(model, fx.GraphModule) and not inline_regions:
         leaf_names |= {str(n.target) for n in model.graph.nodes if n.op == "call_module"}
     tracer = _FxExpandTracer(leaf_types, leaf_names)
+    tracer.drop_identities = drop_identities
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as e:
