@@ -16,10 +16,11 @@ and compared on
 * error against the train-time model: float64 (the same contraction of a float64 copy; relative to
   the output's largest magnitude) and float32;
 * contraction time: ``contract(..., verify=False)`` against ``reparameterize_model`` (alternately,
-  ``--rounds`` rounds, medians), and the verification's own time (``contract(verify=True)`` minus
-  ``contract(verify=False)``, alternated in the same rounds: the float64 twin contraction and the
-  float32/float64 comparison on random inputs). A full ``gc.collect()`` precedes every timed call
-  (untimed), so neither side pays for the other's garbage.
+  ``--rounds`` rounds, which goes first alternating; medians and their ratio), and the verification's
+  own time: ``contract(verify=True)`` minus ``contract(verify=False)``, alternated in rounds of their
+  own afterwards (a verified contraction, with its float64 twin, leaves a large heap that slows
+  whatever is timed next, so it is kept out of the fxexpand / timm pairs). A full ``gc.collect()``
+  precedes every timed call (untimed), so neither side pays for the other's garbage.
 
     python benchmarks/reparam_bench.py                   # the five parity models, ~10 min on 2 busy cores
     python benchmarks/reparam_bench.py --family          # + other members of those families
@@ -80,21 +81,31 @@ def bench_model(timm, name: str, side: int, rounds: int, runs: int, blocks: int,
     contract = lambda verify: fxexpand.contract(model, (x,), target="deploy", verify=verify)  # noqa: E731
     reparam = lambda: timm.utils.model.reparameterize_model(model)  # noqa: E731 - a copy (inplace=False)
     contract(False)  # warm-up: oneDNN primitives, lazy imports
-    t_fx, t_timm, t_verify = [], [], []
+    reparam()
+    t_fx, t_timm, t_verify, t_fx2 = [], [], [], []
     small = deployed = None
-    for r in range(rounds):  # alternate, rotating the order
-        order = [("fx", lambda: contract(False)), ("timm", reparam), ("verify", lambda: contract(True))]
-        order = order[r % 3:] + order[:r % 3]
-        for kind, fn in order:
+    for r in range(rounds):  # fxexpand and timm alternately, the first of the pair alternating
+        order = [("fx", lambda: contract(False)), ("timm", reparam)]
+        for kind, fn in (order if r % 2 == 0 else order[::-1]):
             out, t = _timed(fn)
-            {"fx": t_fx, "timm": t_timm, "verify": t_verify}[kind].append(t)
             if kind == "fx":
+                t_fx.append(t)
                 small = out
-            elif kind == "timm":
-                deployed = out
             else:
+                t_timm.append(t)
+                deployed = out
+    # the verification's own time: contract(verify=True) and contract(verify=False) alternately, in
+    # their own rounds (a verified contraction leaves a large heap behind that would slow whatever
+    # is timed after it, so it is kept out of the fxexpand / timm pairs above)
+    for r in range(max(3, rounds // 2)):
+        order = [("verify", lambda: contract(True)), ("fx", lambda: contract(False))]
+        for kind, fn in (order if r % 2 == 0 else order[::-1]):
+            out, t = _timed(fn)
+            (t_verify if kind == "verify" else t_fx2).append(t)
+            if kind == "verify":
                 report = out.fxexpand_report
     t_fx_med, t_timm_med, t_ver_med = (statistics.median(t) for t in (t_fx, t_timm, t_verify))
+    t_fx2_med = statistics.median(t_fx2)
 
     # exactness: float64 (the same contraction of a float64 copy) and float32, against the train-time model
     m64 = copy.deepcopy(model).double()
@@ -134,9 +145,10 @@ def bench_model(timm, name: str, side: int, rounds: int, runs: int, blocks: int,
         "onnx_ops": {"fxexpand": ox_fx["ops"], "timm": ox_timm["ops"]},
         "rel_error": err,
         "time_s": {"contract_verify_false": t_fx_med, "timm_reparameterize": t_timm_med,
-                   "contract_verify_true": t_ver_med, "verification": max(t_ver_med - t_fx_med, 0.0),
+                   "contract_verify_true": t_ver_med, "verification": max(t_ver_med - t_fx2_med, 0.0),
                    "ratio": t_fx_med / t_timm_med,
-                   "all": {"fxexpand": t_fx, "timm": t_timm, "verify": t_verify}},
+                   "round_ratios": [a / b for a, b in zip(t_fx, t_timm)],
+                   "all": {"fxexpand": t_fx, "timm": t_timm, "verify": t_verify, "fxexpand_beside_verify": t_fx2}},
         "verification_passed": report.verification.passed if report.verification is not None else None,
         "skipped_sites": len(skipped), "skipped_examples": skipped[:5],
     }
@@ -159,7 +171,7 @@ def table(res: dict) -> str:
             f"| {r['params']['fxexpand'] / 1e6:.3f} M / {r['params']['timm'] / 1e6:.3f} M "
             f"| {r['onnx_conv']['fxexpand']} / {r['onnx_conv']['timm']} "
             f"| {e['fx_float64']:.1e} ({_e(e['timm_float64'])}) | {e['fx_float32']:.1e} ({e['timm_float32']:.1e}) "
-            f"| {t['contract_verify_false']:.2f} | {t['timm_reparameterize']:.2f} | {t['ratio']:.1f} "
+            f"| {t['contract_verify_false']:.2f} | {t['timm_reparameterize']:.2f} | {t['ratio']:.2f} "
             f"| {t['verification']:.2f} |")
     return "\n".join(rows)
 
@@ -169,7 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="*", default=None)
     ap.add_argument("--family", action="store_true", help="also other members of the families")
     ap.add_argument("--side", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--runs", type=int, default=150)
     ap.add_argument("--blocks", type=int, default=5)
     ap.add_argument("--quick", action="store_true")

@@ -408,10 +408,11 @@ def _state_restored(model: nn.Module):
     saved = []
     for m in model.modules():
         state = m.__dict__.copy()
-        # containers: the public ones (a cache) and the registries of tensors and children; torch's
+        # containers: the registries of tensors and children, and the public ones (a cache); torch's
         # hook registries (empty, private) are left out: a forward does not register hooks
-        inner = [(v, v.copy()) for k, v in state.items()
-                 if (not k.startswith("_") or k in _REGISTRIES) and type(v) in (dict, list, set)]
+        inner = [(v, v.copy()) for v in (state.get("_parameters"), state.get("_buffers"), state.get("_modules"))
+                 if v is not None]
+        inner += [(v, v.copy()) for k, v in state.items() if k[0] != "_" and type(v) in (dict, list, set)]
         saved.append((m, state, inner))
     try:
         yield
@@ -437,8 +438,6 @@ def _unchanged(now: Any, before: Any) -> bool:
         pass
     return _same_items(now, before)
 
-
-_REGISTRIES = frozenset({"_parameters", "_buffers", "_modules"})
 
 
 def _same_items(a: Any, b: Any) -> bool:
@@ -501,12 +500,14 @@ def _refuse_nonfinite(model: nn.Module) -> None:
 
 def _refuse_undecayed(model: nn.Module) -> None:
     """Rule 6: a decaying activation inside an expanded region must be at alpha == 1 exactly."""
-    regions = find_regions(model)
-    bad = []
-    for name, m in model.named_modules():
-        if isinstance(m, DecayActivation) and not m.is_identity:
-            if any(name.startswith(r + ".") for r in regions):
-                bad.append(f"{name} (alpha={float(m.alpha):.6g})")
+    regions, decaying = [], []
+    for name, m in model.named_modules():  # one walk (find_regions would be a second)
+        if isinstance(m, ExpandedRegion):
+            regions.append(name)
+        elif isinstance(m, DecayActivation) and not m.is_identity:
+            decaying.append((name, m))
+    bad = [f"{name} (alpha={float(m.alpha):.6g})" for name, m in decaying
+           if any(name.startswith(r + ".") for r in regions)]
     if bad:
         raise ContractionError(
             f"cannot contract: {len(bad)} decaying activation(s) are not linear yet: {', '.join(bad[:8])}"

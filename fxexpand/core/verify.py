@@ -114,20 +114,22 @@ def _run(model: nn.Module, inputs: tuple, which: str) -> Any:
 
 def nonfinite_tensors(model: nn.Module) -> list[str]:
     """``"name (k of n values)"`` for every floating parameter or buffer holding NaN or Inf."""
-    seen: set[int] = set()
-    tensors = []
+    tensors = {}
     for m in model.modules():  # one walk, no names: they are built only when a value is bad
         for t in itertools.chain(m._parameters.values(), m._buffers.values()):
-            if t is not None and id(t) not in seen and t.is_floating_point() and t.numel():
-                seen.add(id(t))
-                tensors.append(t.detach())
+            if t is not None and t.is_floating_point() and t.numel():
+                tensors[id(t)] = t
     if not tensors:
         return []
     with torch.no_grad():
         # one fused pass: a NaN or Inf makes its tensor's 2-norm non-finite (so does an overflow of
         # huge finite values, which the exact check below then clears)
-        norms = torch._foreach_norm(tensors, 2)
-        if bool(torch.stack([n.float() for n in norms]).isfinite().all()):
+        norms = torch._foreach_norm(list(tensors.values()), 2)
+        try:
+            finite = bool(torch.stack(norms).isfinite().all())
+        except RuntimeError:  # mixed dtypes
+            finite = bool(torch.stack([n.float() for n in norms]).isfinite().all())
+        if finite:
             return []
     return [f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
             for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
