@@ -257,7 +257,7 @@ def contract(
         # in place, and what the result still shares with ``model`` is copied at the end (a deep
         # copy of the whole model was a third of the time); any Python state of ``model`` that
         # tracing or eval mode touched is put back when this block ends, even on an error
-        model.eval()
+        # (_contract_once puts the model in eval mode)
         out, notes = _contract_once(model, inputs, owner=model, **opts)
     report = ContractReport(target=target, notes=_dedupe(notes))
     if verify:

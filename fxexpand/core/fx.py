@@ -351,7 +351,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
     """
     inputs = as_inputs(example_inputs)
     flags = {m: m.training for m in gm.modules()}
-    gm.eval()
+    if any(flags.values()):  # (a walk of every module: skipped when they are all in eval mode already)
+        gm.eval()
     try:
         with torch.no_grad():
             try:
@@ -373,7 +374,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
         ) from e
     finally:
         for m, f in flags.items():
-            m.training = f
+            if m.training != f:
+                m.training = f
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -36,6 +36,7 @@ from ..core import (
     attr_use_counts,
     bn_of,
     delete_unused_submodules,
+    erase_if_dead,
     fresh_name,
     get_module,
     in_scope,
@@ -99,9 +100,18 @@ class FoldBatchNorm(ScopedPass):
             if new_module is None:
                 notes.append(self.note("skipped", where, name))
                 continue
-            # a BatchNorm keeps the shape: the conv's shape reads now read the folded output
-            new = replace_nodes_with_module(gm, [prev, node], new_module, node_input(prev), name, call_counts=live,
-                                            same_shape=[prev])
+            if prev.op == "call_module" and name == prev.target and live[name] == 1:
+                # the conv's own node calls the folded module in its place (one node less to create;
+                # a BatchNorm keeps the shape, so the batch norm's users and shape reads read it)
+                set_module(gm, name, new_module)
+                node.replace_all_uses_with(prev)
+                if node.op == "call_module":
+                    live[node.target] -= 1
+                erase_if_dead(gm, [node])
+                new = prev
+            else:  # a BatchNorm keeps the shape: the conv's shape reads now read the folded output
+                new = replace_nodes_with_module(gm, [prev, node], new_module, node_input(prev), name,
+                                                call_counts=live, same_shape=[prev])
             for mod in bn.tail:  # a BatchNorm + activation module: its drop / act follow the folded op
                 new = self._call_after(gm, new, mod, f"{node_label(node)}_{type(mod).__name__.lower()}", live)
             notes.append(self.note("folded", where))
