@@ -225,8 +225,13 @@ def contract(
     """Contract ``model`` for inference; returns a new GraphModule in eval mode.
 
     Runs identity removal, BatchNorm folding and linear fusion to a fixed point, in eval mode,
-    on a copy of ``model``, then (unless ``verify=False``) checks the result against ``model``
-    with :func:`fxexpand.verify`.
+    then (unless ``verify=False``) checks the result against ``model`` with :func:`fxexpand.verify`.
+
+    ``model`` is traced as it is, without a copy, and never changed: the passes build new modules
+    and tensors instead of writing into existing ones, whatever the result still shares with
+    ``model`` is copied at the end, and every module's Python state (training flag, attributes a
+    forward fills, e.g. a cache) is restored when ``contract`` returns or raises. The result shares
+    no module or tensor with ``model``.
 
     Targets:
         ``"original"`` (default): contract only what fxexpand expanded (regions created by
@@ -300,7 +305,8 @@ def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, conc
                    verify_each, rtol, atol, owner: nn.Module | None = None) -> tuple[fx.GraphModule, list[Note]]:
     """Contract ``work`` (in eval mode). ``owner``: a module whose submodules and tensors the result
     must not share (``work`` itself when it is the user's model, traced without a copy)."""
-    work.eval()
+    if any(m.training for m in work.modules()):  # (eval() sets every flag through nn.Module.__setattr__)
+        work.eval()
     # lazy: the code of the traced graph is never needed, only the contracted graph's (generated once, below)
     # target "deploy": identities and eval-mode dropout never enter the graph (RemoveIdentity would
     # remove every one of them); "original" keeps them outside the expanded regions
@@ -326,22 +332,20 @@ def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, conc
 def _code_generated(gm: fx.GraphModule, class_name: str) -> fx.GraphModule:
     """A plain GraphModule with the code of ``gm``'s graph generated (``gm`` may be torch.fx's lazy
     GraphModule), the same submodules, metadata and records; an invalid graph raises here."""
+    if hasattr(gm, "real_recompile"):
+        # the lazy GraphModule holds nothing of its own but methods: the same object becomes a plain
+        # one (torch.fx gives every GraphModule a class of its own, "GraphModuleImpl", on which
+        # recompile() installs forward), so nothing is copied or rebuilt (rebuilding was as costly
+        # as the code generation itself). torch.jit.script refuses the lazy kind.
+        impl = type("GraphModuleImpl", (fx.GraphModule,), {})
+        impl.__name__ = class_name
+        gm.__class__ = impl
     try:
         gm.graph.lint()
-        if not hasattr(gm, "real_recompile"):  # a plain GraphModule (torch without the lazy one)
-            gm.recompile()
-            return gm
-        out = fx.GraphModule(gm, gm.graph, class_name)
+        gm.recompile()
     except Exception as e:
         raise PassError(f"contraction produced an invalid graph: {type(e).__name__}: {e}") from e
-    out.meta = gm.meta
-    for name, value in gm.meta.get("_user_preserved_attributes", {}).items():
-        setattr(out, name, value)
-    for name, value in vars(gm).items():  # records set as plain attributes (transient ones included)
-        if name.startswith("_fxexpand"):
-            setattr(out, name, value)
-    out.train(gm.training)
-    return out
+    return gm
 
 
 def _own(gm: fx.GraphModule, owner: nn.Module) -> None:
