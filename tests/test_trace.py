@@ -77,3 +77,30 @@ def test_bad_arguments():
 def test_contract_and_cli_report_trace_errors():
     with pytest.raises(TraceError):
         fxexpand.contract(Outer(), (torch.randn(1, 3, 4, 4),))
+
+
+def test_drop_identities_and_lazy_code_generation():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Identity(), nn.Dropout(0.5), nn.ReLU(), nn.Dropout(0.2)).eval()
+    model[4].train()  # a dropout in training mode is not an identity: it keeps its node
+    x = torch.randn(2, 3, 8, 8)
+    gm = fxexpand.trace(model, drop_identities=True, lazy=True)
+    kinds = [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"]
+    assert kinds == ["Conv2d", "ReLU", "Dropout"]
+    assert "real_recompile" in dir(gm)  # torch.fx's lazy GraphModule: code generated at first use
+    model[4].eval()
+    gm.eval()
+    assert torch.equal(gm(x), model(x))
+    plain = fxexpand.trace(model)
+    assert [n.target for n in plain.graph.nodes if n.op == "call_module"] == ["0", "1", "2", "3", "4"]
+    assert not hasattr(plain, "real_recompile")
+
+
+def test_contract_returns_a_plain_scriptable_graph_module():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Identity(), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    for target in ("deploy", "original"):
+        small = fxexpand.contract(model, (x,), target=target)
+        assert isinstance(small, torch.fx.GraphModule) and not hasattr(small, "real_recompile")
+        assert type(small).__name__ == "Sequential"
+        scripted = torch.jit.script(small)
+        assert torch.allclose(scripted(x), model(x), atol=1e-5)

@@ -34,6 +34,11 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import TraceError
+
+try:  # torch.fx's GraphModule that generates its code at first use (torch >= 2.3)
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+except ImportError:  # pragma: no cover - older torch: the code is generated at once
+    _LazyGraphModule = None
 from .dynamic import DynamicLayer, norm_act_parts
 from .modules import DecayActivation, GradientScale
 from .provenance import ExpandedRegion, find_regions, set_traced_regions
@@ -88,10 +93,6 @@ def _timm_leaves() -> tuple[tuple[type, ...], tuple[type, ...]]:
 
 def _lazy_graph_module_cls() -> type[fx.GraphModule] | None:
     """torch.fx's ``_LazyGraphModule`` (code generated at first use; torch >= 2.3), or None."""
-    try:
-        from torch.fx._lazy_graph_module import _LazyGraphModule
-    except ImportError:  # pragma: no cover - older torch: code generated at once
-        return None
     return _LazyGraphModule
 
 
