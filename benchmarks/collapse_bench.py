@@ -17,7 +17,10 @@ timed alternately in one process (rounds rotate the order; medians; torch thread
 * peak memory: bytes autograd saves for the backward (exact, ``saved_tensors_hooks``) and peak RSS
   growth of a fresh child process over a few steps (Linux ``VmHWM`` after ``malloc_trim``);
 * the composition's own share of a collapsed step: the time to compose every region's kernel
-  (forward, with autograd recording) over the collapsed step time.
+  (forward, with autograd recording) over the collapsed step time; and the composition forward
+  *plus* the backward of a kernel-shaped gradient through it to the factors — the weight-only work
+  a collapsed step adds to the original's, so ``1 + that / original step`` is a lower bound on the
+  collapsed step's ratio for this way of collapsing.
 
     python benchmarks/collapse_bench.py           # ~5 min on 2 cores; benchmarks/results/collapse_bench.*
     python benchmarks/collapse_bench.py --quick   # smoke run (the tests use it)
@@ -125,6 +128,24 @@ def _compose_ms(model, rounds: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def _compose_fwd_bwd_ms(model, rounds: int) -> float:
+    """Time to compose every collapsed region's kernel *and* back-propagate a gradient of the
+    kernel's shape through the composition to the factors: the weight-only work a collapsed step
+    adds to the original's. ``1 + this / original step`` bounds the collapsed step's ratio below."""
+    regions = [r for r in find_regions(model).values() if r.train_mode == "collapsed"]
+    if not regions:
+        return 0.0
+    grads = [torch.randn_like(compose_chain(r.body)["weight"]) for r in regions]
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        loss = sum((compose_chain(r.body)["weight"] * g).sum() for r, g in zip(regions, grads))
+        loss.backward()
+        times.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    return 1000 * statistics.median(times)
+
+
 def _child(name: str, mode: str, side: int, batch: int, variant: str, steps: int) -> int:
     """Peak RSS growth (bytes) of ``steps`` steps of one variant in a fresh process (``peak_rss_growth``)."""
     torch.set_num_threads(1)
@@ -167,6 +188,7 @@ def run(quick: bool, rounds: int, mem_steps: int) -> dict:
         saved = {v: _saved_bytes(models[v], x, y) for v in VARIANTS}
         rss = {v: _rss(case, v, mem_steps) for v in VARIANTS}
         compose = _compose_ms(models["collapsed"], rounds)
+        compose_fb = _compose_fwd_bwd_ms(models["collapsed"], rounds)
         rows.append({
             "model": name, "mode": mode, "input": list(x.shape), "regions": len(regions),
             "collapsed_regions": n_coll,
@@ -176,16 +198,25 @@ def run(quick: bool, rounds: int, mem_steps: int) -> dict:
             "rss_growth_bytes": rss,
             "rss_ratio": {v: round(rss[v] / max(rss["original"], 1), 3) for v in VARIANTS},
             "compose_ms": round(compose, 3), "compose_share_of_collapsed_step": round(compose / (1000 * med["collapsed"]), 3),
+            "compose_fwd_bwd_ms": round(compose_fb, 3),
+            "collapsed_lower_bound": round(1 + compose_fb / (1000 * med["original"]), 3),
         })
         print(f"{name} {mode} {side}: time x{rows[-1]['time_ratio']}, saved x{rows[-1]['saved_ratio']}", flush=True)
     return {"machine": machine_info(), "rounds": rounds, "mem_steps": mem_steps, "rows": rows}
 
 
+def _fb(r: dict) -> str:
+    if "compose_fwd_bwd_ms" not in r:  # results from before this column
+        return "–"
+    return f"{r['compose_fwd_bwd_ms']:.2f} ({r['collapsed_lower_bound']:.2f}×)"
+
+
 def _markdown(res: dict) -> str:
     lines = ["| model | mode | input | original step ms | time explicit / collapsed (× original) | "
              "saved activations explicit / collapsed (×) | peak RSS growth explicit / collapsed (×) | "
-             "composition share of a collapsed step | target met (collapsed ≤ 1.3× where explicit ≥ 3×) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+             "composition share of a collapsed step | composition forward + backward ms (1 + it / original step) | "
+             "target met (collapsed ≤ 1.3× where explicit ≥ 3×) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in res["rows"]:
         t, s, m = r["time_ratio"], r["saved_ratio"], r["rss_ratio"]
         heavy = t["explicit"] >= 3 or s["explicit"] >= 3
@@ -194,7 +225,7 @@ def _markdown(res: dict) -> str:
         lines.append(f"| {r['model']} | {r['mode']} | {'x'.join(map(str, r['input']))} | {r['step_ms']['original']:.1f} | "
                      f"{t['explicit']:.2f} / {t['collapsed']:.2f} | {s['explicit']:.2f} / {s['collapsed']:.2f} | "
                      f"{m['explicit']:.2f} / {m['collapsed']:.2f} | {100 * r['compose_share_of_collapsed_step']:.1f} % | "
-                     f"{met} |")
+                     f"{_fb(r)} | {met} |")
     return "\n".join(lines) + "\n"
 
 
