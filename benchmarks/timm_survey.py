@@ -84,7 +84,7 @@ FINDINGS = {
                       "too); the survey passes no concrete_args.",
     "halonet_h1": "the deploy model differs from the original by 2.4e-8 (relative) in float64 and 0.5 in float32, "
                   "so verification refuses it: a contraction error or an ill-conditioned random-weight model, "
-                  "not investigated yet (the other 87 contracted models agree to 1e-13 in float64).",
+                  "not investigated yet (every other contracted model agrees to 1e-13 in float64).",
     "csatv2": "traced and contracted exactly; the ONNX export of one of the three models did not finish within the "
               "time limit.",
 }
