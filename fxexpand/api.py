@@ -44,6 +44,7 @@ from .core import (
     persistent_records,
     propagate_shapes,
     set_record,
+    shallow_copy_module,
     trace,
 )
 from .core import verify as verify_models
@@ -392,10 +393,7 @@ def _copy_module(m: nn.Module, memo: dict) -> nn.Module:
         return copy.deepcopy(m, memo)
     if id(m) in memo:
         return memo[id(m)]
-    new = copy.copy(m)
-    for k, v in state.items():
-        if type(v) in (dict, set, collections.OrderedDict):
-            new.__dict__[k] = v.copy()
+    new = shallow_copy_module(m)
     for reg in (new._parameters, new._buffers):
         for k, t in reg.items():
             if t is not None:
@@ -441,7 +439,6 @@ def _unchanged(now: Any, before: Any) -> bool:
     except Exception:
         pass
     return _same_items(now, before)
-
 
 
 def _same_items(a: Any, b: Any) -> bool:

@@ -73,6 +73,7 @@ from .fx import (
     replace_nodes_with_module,
     replace_tensor,
     set_module,
+    shallow_copy_module,
     unwrap,
     value_users,
 )
@@ -176,7 +177,7 @@ __all__ = [
     "as_inputs", "attr_use_counts", "delete_unused_submodules", "erase_if_dead", "fresh_name", "get_attr", "get_module", "has_module",
     "in_scope", "is_metadata_read", "metadata_reads", "module_call_count", "module_call_counts",
     "move_metadata_reads", "node_input", "node_label", "out_shape", "propagate_shapes",
-    "replace_nodes_with_module", "replace_tensor", "set_module", "unwrap", "value_users",
+    "replace_nodes_with_module", "replace_tensor", "set_module", "shallow_copy_module", "unwrap", "value_users",
     # infra
     "Note", "Pass", "PassManager", "PassResult", "ScopedPass", "build_pass", "get_pass", "register_pass",
     "registered_passes", "required_arguments", "unregister_pass",

@@ -8,6 +8,7 @@ algebra, and installs the result with :func:`replace_nodes_with_module`.
 from __future__ import annotations
 
 import builtins
+import collections
 import contextlib
 import copy
 import io
@@ -27,7 +28,7 @@ __all__ = [
     "get_module", "get_attr", "set_module", "fresh_name", "has_module", "module_call_count",
     "module_call_counts", "attr_use_counts", "is_metadata_read", "value_users", "metadata_reads",
     "move_metadata_reads", "node_input", "out_shape", "node_label",
-    "in_scope", "erase_if_dead", "replace_nodes_with_module", "delete_unused_submodules", "as_inputs", "propagate_shapes", "unwrap",
+    "in_scope", "erase_if_dead", "replace_nodes_with_module", "delete_unused_submodules", "shallow_copy_module", "as_inputs", "propagate_shapes", "unwrap",
 ]
 
 def get_module(gm: nn.Module, qualname: str) -> nn.Module:
@@ -64,18 +65,27 @@ def set_module(gm: nn.Module, qualname: str, module: nn.Module) -> None:
         setattr(mod, last, module)
 
 
+def shallow_copy_module(m: nn.Module) -> nn.Module:
+    """A copy of module ``m`` that shares its tensors, children and attribute values but has its own
+    containers (parameter / buffer / child registries, hook dicts, sets): registering, replacing or
+    deleting anything on the copy leaves ``m`` as it is."""
+    new = copy.copy(m)
+    state = new.__dict__
+    for k, v in state.items():
+        if type(v) in (dict, set, collections.OrderedDict):
+            state[k] = v.copy()
+    return new
+
+
 def replace_tensor(gm: nn.Module, qualname: str, value: torch.Tensor) -> None:
     """Make the parameter or buffer at ``qualname`` ``value`` without changing any module in place:
-    each module on the path is replaced by a shallow copy with its own registries (the tensors and
-    the other children stay shared). A GraphModule that shares its modules with the model it was
-    traced from (:func:`fxexpand.contract` does not copy the user's model) never writes into it."""
+    each module on the path is replaced by its :func:`shallow_copy_module` (the tensors and the
+    other children stay shared). A GraphModule that shares its modules with the model it was traced
+    from (:func:`fxexpand.contract` does not copy the user's model) never writes into it."""
     *path, name = qualname.split(".")
     mod = gm
     for part in path:
-        child = mod._modules[part]
-        clone = copy.copy(child)
-        for reg in ("_parameters", "_buffers", "_modules"):
-            clone.__dict__[reg] = dict(child.__dict__[reg])
+        clone = shallow_copy_module(mod._modules[part])
         mod._modules[part] = clone
         mod = clone
     if name in mod._parameters:

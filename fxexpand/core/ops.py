@@ -8,8 +8,6 @@ as ``call_function`` (``F.conv2d``, ``F.batch_norm``, ``F.linear``, ``operator.a
 
 from __future__ import annotations
 
-import collections
-import copy
 import math
 import operator
 from collections import Counter
@@ -22,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dynamic import norm_act_parts
-from .fx import fresh_name, get_attr, get_module, value_users
+from .fx import fresh_name, get_attr, get_module, shallow_copy_module, value_users
 
 __all__ = [
     "CONV_MODULES", "CONV_FUNCS", "CONV_TYPES", "LINEAR_FUNCS", "BN_MODULES", "BN_FUNCS", "BN_TYPES",
@@ -231,12 +229,7 @@ def _module_like(op: LinearOp, bias: bool, dtype: torch.dtype) -> nn.Module:
         if len(_TEMPLATES) > 512:
             _TEMPLATES.clear()
         _TEMPLATES[key] = template
-    m = copy.copy(template)
-    state = m.__dict__
-    for k, v in state.items():
-        if type(v) in (dict, set, collections.OrderedDict):
-            state[k] = v.copy()
-    return m
+    return shallow_copy_module(template)
 
 
 def _without_init(cls: type[nn.Module]) -> type[nn.Module]:

@@ -19,7 +19,8 @@ BatchNorm subclasses timm registers are leaves in training mode only (they read
 ``self.training``) and are traced through in eval mode.
 
 The returned GraphModule shares parameters with ``model`` (as ``torch.fx.symbolic_trace`` does);
-:func:`fxexpand.compile` and :func:`fxexpand.contract` trace a deep copy, so they never touch it.
+:func:`fxexpand.compile` traces a deep copy; :func:`fxexpand.contract` traces ``model`` itself,
+restores its state afterwards and copies whatever its result still shares with it.
 """
 
 from __future__ import annotations
@@ -33,15 +34,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .dynamic import DynamicLayer, norm_act_parts
 from .errors import TraceError
+from .modules import DecayActivation, GradientScale
+from .provenance import ExpandedRegion, find_regions, set_traced_regions
 
 try:  # torch.fx's GraphModule that generates its code at first use (torch >= 2.3)
     from torch.fx._lazy_graph_module import _LazyGraphModule
 except ImportError:  # pragma: no cover - older torch: the code is generated at once
     _LazyGraphModule = None
-from .dynamic import DynamicLayer, norm_act_parts
-from .modules import DecayActivation, GradientScale
-from .provenance import ExpandedRegion, find_regions, set_traced_regions
 
 __all__ = ["trace", "trace_with_calls", "ModuleCall", "timm_fx_registrations"]
 
@@ -89,11 +90,6 @@ def _timm_leaves() -> tuple[tuple[type, ...], tuple[type, ...]]:
     leaves, _ = timm_fx_registrations()
     bn = nn.modules.batchnorm._BatchNorm
     return (tuple(t for t in leaves if not issubclass(t, bn)), tuple(t for t in leaves if issubclass(t, bn)))
-
-
-def _lazy_graph_module_cls() -> type[fx.GraphModule] | None:
-    """torch.fx's ``_LazyGraphModule`` (code generated at first use; torch >= 2.3), or None."""
-    return _LazyGraphModule
 
 
 def _is_norm_act(m: nn.Module) -> bool:
@@ -317,8 +313,7 @@ def trace_with_calls(
             "forward() argument selects the code path, fix it with concrete_args={name: value}."
         ) from e
     name = type(model).__name__
-    gm = (_lazy_graph_module_cls() or fx.GraphModule)(tracer.root, graph, name) if lazy else (
-        fx.GraphModule(tracer.root, graph, name))
+    gm = ((_LazyGraphModule if lazy else None) or fx.GraphModule)(tracer.root, graph, name)
     # a cache (gm.meta is not pickled): regions traced through, for scope="expanded" passes
     set_traced_regions(gm, {name: (r.original_type, dict(r.original_config)) for name, r in find_regions(model).items()}
                        if inline_regions else {})
