@@ -12,6 +12,7 @@ from torch import nn
 import fxexpand
 import fxexpand.testing as ft
 from fxexpand.core import ExpandedRegion, find_regions
+from fxexpand.core import collapse
 from fxexpand.core.collapse import chain_problem, compose_chain, run_collapsed
 from fxexpand.models import SmallNet
 from fxexpand.passes import LinearExpand
@@ -39,6 +40,62 @@ def test_composition_equals_the_chain(dtype):
     x = torch.randn(3, 7, 5, dtype=dtype)
     with torch.no_grad():
         assert rel_error(lin(x), run_collapsed(lin, x)) <= tol
+
+
+def _trees(i, j):
+    """Every composition order of layers i..j (binary trees; see collapse._plan)."""
+    if i == j:
+        yield i
+        return
+    for k in range(i, j):
+        for left in _trees(i, k):
+            for right in _trees(k + 1, j):
+                yield (left, right)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_every_composition_order_equals_the_chain(dtype):
+    """Composition is associative: each order (the plan picks the cheapest) gives the chain's
+    function, for pointwise, k×k, strided, dilated, grouped, biased layers in 1-3 dims."""
+    torch.manual_seed(0)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    convs = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+    bodies = []
+    for nd, g in [(1, 1), (2, 1), (2, 2), (3, 1)]:
+        c = convs[nd]
+        bodies.append(nn.Sequential(c(4, 8, 1, groups=g), c(8, 12, 3, stride=2, groups=g), c(12, 6, 1, groups=g, bias=False),
+                                    c(6, 4, 3, dilation=2, groups=g)))
+        bodies.append(nn.Sequential(c(4, 8, 3, padding=1, dilation=2, groups=g), c(8, 8, 3, stride=2, groups=g, bias=False),
+                                    c(8, 4, 2, groups=g)))
+    bodies.append(nn.Sequential(nn.Linear(6, 24), nn.Linear(24, 16, bias=False), nn.Linear(16, 3), nn.Linear(3, 5)))
+    for body in bodies:
+        body = body.to(dtype)
+        lin = type(body[0]) is nn.Linear
+        nd = 0 if lin else body[0].weight.dim() - 2
+        x = torch.randn(2, 6) if lin else torch.randn(2, 4, *([15, 13, 14][:nd]))
+        x = x.to(dtype)
+        with torch.no_grad():
+            ref = body(x)
+            orders = list(_trees(0, len(body) - 1))
+            assert len(orders) == (5 if len(body) == 4 else 2)
+            for order in orders:
+                op = compose_chain(body, order=order)
+                if lin:
+                    out = nn.functional.linear(x, op["weight"], op["bias"])
+                else:
+                    fn = [nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d][nd - 1]
+                    out = fn(x, op["weight"], op["bias"], op["stride"], op["padding"], op["dilation"], op["groups"])
+                assert out.shape == ref.shape and rel_error(ref, out) <= tol, (body, order)
+
+
+def test_plan_composes_in_the_cheapest_order():
+    # FC m -> 4m -> 4n -> n (ExpandNets FC): right to left; CL 1x1 -> kxk -> 1x1: the k×k with the first 1x1 first
+    fc = nn.Sequential(nn.Linear(512, 2048), nn.Linear(2048, 256), nn.Linear(256, 64))
+    assert collapse._chain_plan(list(fc))[0] == (0, (1, 2))
+    assert collapse._chain_plan(list(fc))[1] == 64 * 256 * 2048 + 64 * 2048 * 512
+    cl = nn.Sequential(nn.Conv2d(16, 64, 1), nn.Conv2d(64, 128, 7), nn.Conv2d(128, 32, 1))
+    assert collapse._chain_plan(list(cl))[0] == ((0, 1), 2)
+    assert collapse._chain_plan(list(cl))[2] == (7, 7)
 
 
 def test_chains_that_cannot_collapse_say_why():
