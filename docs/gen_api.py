@@ -22,7 +22,7 @@ import fxexpand.testing
 import fxexpand.train
 
 SECTIONS = [
-    ("Entry points", fxexpand, ["trace", "compile", "contract", "verify", "export_onnx", "benchmark_onnx",
+    ("Entry points", fxexpand, ["trace", "compile", "set_train_mode", "train_forms", "contract", "verify", "export_onnx", "benchmark_onnx",
                                 "compare_onnx", "save", "load", "build_model", "register_factory",
                                 "expansion_report", "count_parameters", "count_flops"]),
     ("Schedules", fxexpand, ["LinearDecay", "set_decay", "get_decay", "linearize"]),

@@ -7,7 +7,7 @@ Entry points: :func:`trace`, :func:`compile`, :func:`contract`, :func:`verify`, 
 """
 
 from . import exits, passes, pipelines, recipes
-from .api import ContractReport, compile, contract, set_train_mode
+from .api import ContractReport, compile, contract, set_train_mode, train_forms
 from .bench import LatencyStats, benchmark_onnx, compare_onnx
 from .core import (
     ContractionError,
@@ -48,7 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     "passes", "pipelines", "recipes", "exits", "GrowthPlan", "Stage", "EMA", "find_chains", "rebuild_optimizer",
     "WidthSampler", "set_width", "use_width", "netaug_loss", "sort_channels", "width_record", "expansion_report", "report_table", "LinearDecay", "set_decay", "get_decay", "linearize",
-    "trace", "compile", "contract", "set_train_mode", "verify", "export_onnx", "benchmark_onnx", "compare_onnx",
+    "trace", "compile", "contract", "set_train_mode", "train_forms", "verify", "export_onnx", "benchmark_onnx", "compare_onnx",
     "save", "load", "build_model", "register_factory", "count_flops", "count_parameters",
     "Pass", "PassResult", "PassManager", "Note", "register_pass", "registered_passes", "get_pass", "build_pass",
     "ContractReport", "VerifyReport", "LatencyStats", "DecayActivation", "ExpandedRegion",

@@ -49,7 +49,7 @@ from .core import (
 )
 from .core import verify as verify_models
 
-__all__ = ["compile", "contract", "ContractReport", "set_train_mode"]
+__all__ = ["compile", "contract", "ContractReport", "set_train_mode", "train_forms"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,15 @@ def set_train_mode(model: nn.Module, mode: Literal["collapsed", "explicit"], *, 
         return status
     return [Note("compile", s.split(":")[0], name, s.split(": ", 1)[1] if ": " in s else f"train_mode={mode}")
             for name, s in status.items()]
+
+
+def train_forms(model: nn.Module) -> dict[str, str]:
+    """How each expanded region of ``model`` ran in its last training forward: ``"collapsed"``, or
+    ``"explicit: <why>"`` (a BatchNorm in train mode, an activation still decaying, composing costing
+    more than the chain on that input, ...); ``""`` if it has not run in training since its mode was
+    set, ``"explicit"`` for a region set to run its chain."""
+    return {name: (region.last_form if region.train_mode == "collapsed" else "explicit")
+            for name, region in find_regions(model).items()}
 
 
 def _origins(model: nn.Module, out: fx.GraphModule, renames: list[ModuleRenames]) -> ParameterOrigins:

@@ -13,7 +13,8 @@ import fxexpand
 import fxexpand.testing as ft
 from fxexpand.core import ExpandedRegion, find_regions
 from fxexpand.core import collapse
-from fxexpand.core.collapse import chain_problem, compose_chain, run_collapsed
+from fxexpand.core.collapse import chain_problem, compose_chain, run_collapsed, runtime_problem
+from fxexpand.core import DecayActivation, Residual
 from fxexpand.models import SmallNet
 from fxexpand.passes import LinearExpand
 from fxexpand.testing import rel_error
@@ -91,20 +92,111 @@ def test_every_composition_order_equals_the_chain(dtype):
 def test_plan_composes_in_the_cheapest_order():
     # FC m -> 4m -> 4n -> n (ExpandNets FC): right to left; CL 1x1 -> kxk -> 1x1: the k×k with the first 1x1 first
     fc = nn.Sequential(nn.Linear(512, 2048), nn.Linear(2048, 256), nn.Linear(256, 64))
-    assert collapse._chain_plan(list(fc))[0] == (0, (1, 2))
-    assert collapse._chain_plan(list(fc))[1] == 64 * 256 * 2048 + 64 * 2048 * 512
+    assert collapse._plan(tuple(map(collapse._layer_key, fc)))[0] == (0, (1, 2))
+    assert collapse._plan(tuple(map(collapse._layer_key, fc)))[1] == 64 * 256 * 2048 + 64 * 2048 * 512
     cl = nn.Sequential(nn.Conv2d(16, 64, 1), nn.Conv2d(64, 128, 7), nn.Conv2d(128, 32, 1))
-    assert collapse._chain_plan(list(cl))[0] == ((0, 1), 2)
-    assert collapse._chain_plan(list(cl))[2] == (7, 7)
+    assert collapse._plan(tuple(map(collapse._layer_key, cl)))[0] == ((0, 1), 2)
+    assert collapse._plan(tuple(map(collapse._layer_key, cl)))[2][2] == (7, 7)
 
 
 def test_chains_that_cannot_collapse_say_why():
-    assert "BatchNorm2d" in chain_problem(nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)))
     assert "ReLU" in chain_problem(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)))
     assert "padded" in chain_problem(nn.Sequential(nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 3, padding=1)))
-    assert "groups" in chain_problem(nn.Sequential(nn.Conv2d(2, 2, 1, groups=2), nn.Conv2d(2, 2, 1)))
+    assert "groups" in chain_problem(nn.Sequential(nn.Conv2d(4, 4, 1, groups=2), nn.Conv2d(4, 4, 1)))
+    assert chain_problem(nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, groups=4))) == ""  # depthwise mixes
     assert "mixes" in chain_problem(nn.Sequential(nn.Conv1d(2, 2, 1), nn.Conv2d(2, 2, 1)))
+    assert "starts with" in chain_problem(nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 2, 1)))
+    assert "running statistics" in chain_problem(nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2, track_running_stats=False)))
+    assert "different widths" in chain_problem(Residual(nn.Sequential(nn.Conv2d(2, 3, 1))))
+    assert "not a tap" in chain_problem(Residual(nn.Sequential(nn.Conv2d(2, 2, 3, stride=2, padding=1))))
+    assert "not a tap" in chain_problem(Residual(nn.Sequential(nn.Conv2d(2, 2, 3))))  # unpadded: the grid shifts
     assert chain_problem(nn.Conv2d(2, 2, 1)) != ""
+    # linear in some states only: BatchNorm in train mode, an activation still decaying, dropout on
+    body = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), DecayActivation(nn.ReLU(), alpha=0.5),
+                         nn.Dropout(0.1), nn.Conv2d(2, 2, 1))
+    assert chain_problem(body) == ""
+    why = runtime_problem(body.train())
+    assert "BatchNorm2d in train mode" in why and "alpha 0.5 < 1" in why and "Dropout in train mode" in why
+    body.eval()
+    assert "alpha 0.5" in runtime_problem(body) and "BatchNorm" not in runtime_problem(body)
+    body[2].alpha.fill_(1.0)
+    assert runtime_problem(body) == ""
+
+
+def _linear_bodies(nd: int):
+    """Chains that are linear in eval-state: BatchNorm (with and without affine), identities,
+    dropout, decayed activations, mixed depthwise/dense groups, identity shortcuts."""
+    c = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[nd]
+    act = lambda: DecayActivation(nn.ReLU6(), kind="leaky", alpha=1.0)  # noqa: E731
+    return [
+        # NetBooster's block on a 3x3 conv at alpha = 1: 1x1 (pad) → BN → act → dw 3x3 → BN → act → 1x1, + x
+        Residual(nn.Sequential(c(6, 12, 1, padding=1, bias=False), bn(12), act(), c(12, 12, 3, groups=12, bias=False),
+                               bn(12), act(), c(12, 6, 1, bias=True))),
+        # its kernel-1 form on a 1x1 conv, dilated, and a strided one without a shortcut
+        Residual(nn.Sequential(c(6, 24, 1, bias=False), bn(24), act(), c(24, 24, 1, groups=24), bn(24, affine=False),
+                               act(), c(24, 6, 1))),
+        nn.Sequential(c(6, 12, 1, padding=2, groups=2, bias=False), bn(12), nn.Identity(), c(12, 12, 3, stride=2, dilation=2, groups=12),
+                      nn.Dropout(0.2), bn(12), c(12, 8, 1, groups=2)),
+        # depthwise first, then grouped: the per-channel filter feeds every output of its group
+        nn.Sequential(c(6, 6, 3, padding=1, groups=6), bn(6), c(6, 9, 3, groups=3, bias=False), bn(9)),
+        Residual(nn.Sequential(c(6, 6, 3, padding=2, dilation=2, groups=3), bn(6), c(6, 6, 1, groups=3))),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_batchnorm_identity_and_shortcut_chains_collapse_exactly(dtype):
+    """Item 1: BatchNorm in eval mode folds (differentiably in its affine parameters), identities
+    and alpha = 1 activations drop out, depthwise layers compose with dense ones, an identity
+    shortcut adds the identity kernel — same outputs, same gradients for every parameter."""
+    torch.manual_seed(0)
+    tol, gtol = (1e-12, 1e-10) if dtype == torch.float64 else (1e-5, 1e-4)
+    bodies = [(nd, b) for nd in (1, 2, 3) for b in _linear_bodies(nd)]
+    bodies.append((0, Residual(nn.Sequential(nn.Linear(5, 20), nn.BatchNorm1d(20), nn.Linear(20, 5)))))
+    for nd, body in bodies:
+        ft.randomize_bn(body)
+        body = body.to(dtype).eval()
+        assert chain_problem(body) == "" and runtime_problem(body) == "", body
+        x = torch.randn(3, 5, dtype=dtype) if nd == 0 else torch.randn(3, 6, *([9, 8, 7][:nd]), dtype=dtype)
+        a, b = body(x), run_collapsed(body, x)
+        assert a.shape == b.shape and rel_error(a, b) <= tol, body
+        g = torch.randn_like(a)
+        params = [p for p in body.parameters()]
+        ga = torch.autograd.grad((a * g).sum(), params)
+        gb = torch.autograd.grad((b * g).sum(), params)
+        for p, u, v in zip(params, ga, gb):
+            assert _rel(u, v) <= gtol, (body, p.shape)
+
+
+def test_netbooster_block_collapses_at_alpha_one_with_frozen_batchnorms():
+    """A NetBooster model: explicit while its BatchNorms train or alpha < 1 (and says so); with
+    alpha = 1 and BatchNorms in eval mode inside a training model, the blocks run collapsed (where
+    composing pays for their input) and a training step is the explicit one's."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    model = ft.randomize_bn(torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=10)).double()
+    nb = fxexpand.compile(model, passes=fxexpand.recipes.netbooster(), example_inputs=(x,)).train()
+    nb(x)
+    forms = fxexpand.train_forms(nb)
+    assert forms and all(f.startswith("explicit: ") and "BatchNorm2d in train mode" in f for f in forms.values())
+    fxexpand.set_decay(nb, 1.0)
+    explicit = copy.deepcopy(nb)
+    fxexpand.set_train_mode(explicit, "explicit")
+    for m in (nb, explicit):  # frozen BatchNorms (fine-tuning), the model itself in training mode
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.eval()
+    y = torch.randint(0, 10, (2,))
+    torch.manual_seed(1)  # the same dropout masks
+    gc = torch.autograd.grad(nn.functional.cross_entropy(nb(x), y), list(nb.parameters()), allow_unused=True)
+    forms = fxexpand.train_forms(nb)  # deep blocks on 1x1 maps: composing costs more than the chain
+    assert list(forms.values()).count("collapsed") >= len(forms) // 2
+    assert set(forms.values()) <= {"collapsed", "explicit: composing costs more than the chain on this input"}
+    torch.manual_seed(1)
+    ge = torch.autograd.grad(nn.functional.cross_entropy(explicit(x), y), list(explicit.parameters()), allow_unused=True)
+    assert set(fxexpand.train_forms(explicit).values()) == {"explicit"}
+    factors = {id(p) for r in find_regions(explicit).values() for p in r.parameters()}
+    _assert_grads_match(list(explicit.parameters()), ge, gc, factors)
 
 
 def test_default_mode_and_report():
@@ -115,7 +207,10 @@ def test_default_mode_and_report():
     assert all(r.train_mode == "collapsed" for r in find_regions(cl).values())
     nb = fxexpand.compile(torchvision.models.mobilenet_v2(width_mult=0.35), passes=fxexpand.recipes.netbooster())
     notes = [n for n in nb.fxexpand_notes if n.pass_name == "compile"]
-    assert notes and all(n.action == "explicit" and "not linear and batch-independent" in n.reason for n in notes)
+    # NetBooster blocks: linear only at alpha = 1 with frozen BatchNorms, so explicit for now, and why
+    assert notes and all(n.action == "explicit" and "BatchNorm2d in train mode" in n.reason
+                         and "DecayActivation at alpha 0 < 1" in n.reason for n in notes)
+    assert all(r.train_mode == "collapsed" for r in find_regions(nb).values())
     region = find_regions(cl)["features.0"]
     with torch.no_grad():
         assert torch.equal(region.eval()(x), region.body(x))          # eval / export: the explicit chain

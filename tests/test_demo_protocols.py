@@ -116,7 +116,10 @@ def test_init_nonlinear_counterpart_then_linearize_then_contract():
     e = fxexpand.compile(TinyConv1d(4), passes=fxexpand.recipes.expandnets("CK", init="nonlinear"), example_inputs=(x,))
     regions = find_regions(e)
     assert all(any(isinstance(m, DecayActivation) for m in r.body) for r in regions.values())
-    assert all(r.train_mode == "explicit" for r in regions.values())  # not linear while alpha < 1
+    # not linear while alpha < 1: set to collapse, but run explicitly until linearised, and say why
+    assert all(r.train_mode == "collapsed" for r in regions.values())
+    notes = {n.where: n for n in e.fxexpand_notes if n.pass_name == "compile"}
+    assert all(notes[n].action == "explicit" and "DecayActivation at alpha 0 < 1" in notes[n].reason for n in regions)
     with pytest.raises(ContractionError):
         fxexpand.contract(e.eval(), (x,))
     e.train()
@@ -125,6 +128,7 @@ def test_init_nonlinear_counterpart_then_linearize_then_contract():
         opt.zero_grad()
         nn.functional.cross_entropy(e(x), y).backward()
         opt.step()
+    assert all(f.startswith("explicit: DecayActivation at alpha 0 < 1") for f in fxexpand.train_forms(e).values())
     before = {id(p): p.detach().clone() for p in e.parameters()}
     removed = fxexpand.linearize(e)
     assert removed == 6  # CK on four kernel-5 convs (one ReLU each) + the hidden FC (two)

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .collapse import chain_problem, collapse_pays, run_collapsed
+from .collapse import chain_problem, collapse_pays, run_collapsed, runtime_problem
 
 __all__ = [
     "ExpandedRegion",
@@ -117,19 +117,36 @@ class ExpandedRegion(nn.Module):
         self.original_config = layer_config(original)
         self.method = method
         self.train_mode = "explicit"
+        self.last_form = ""  # how the last training forward ran: "collapsed" or "explicit: <why>"
 
     def set_train_mode(self, mode: str) -> str:
         """``"collapsed"``: in training mode, run the body as one op whose weight is composed from the
         factors each forward (:mod:`fxexpand.core.collapse`) — if the body is a linear,
-        batch-independent chain, and for each input where that costs fewer multiply-accumulates than
-        the chain (eval mode, export and tracing run the chain);
-        ``"explicit"``: run the chain. Returns the mode in effect and, for an explicit region asked
-        to collapse, why (``"explicit: <reason>"``)."""
+        batch-independent chain in its state at that forward (BatchNorms in eval mode, decaying
+        activations at alpha = 1, dropout off: :func:`~fxexpand.core.collapse.runtime_problem`), and
+        for each input where that costs fewer multiply-accumulates than the chain (eval mode, export
+        and tracing run the chain); ``"explicit"``: run the chain. Returns the mode in effect and, for
+        an explicit region asked to collapse, why (``"explicit: <reason>"``; a region that collapses
+        only in other states — a NetBooster block, whose BatchNorms train with the model and whose
+        activations decay to alpha = 1 — says which states block it; its ``train_mode`` stays
+        ``"collapsed"``)."""
         if mode not in ("collapsed", "explicit"):
             raise ValueError(f"train_mode must be 'collapsed' or 'explicit', got {mode!r}")
         problem = chain_problem(self.body) if mode == "collapsed" else ""
         self.train_mode = "explicit" if problem else mode
-        return self.train_mode if not problem else f"explicit: {problem}"
+        self.last_form = ""
+        if problem:
+            return f"explicit: {problem}"
+        if mode == "collapsed":
+            # what blocks it in training as the model stands (BatchNorms train with the model)
+            states = [m.training for m in self.body.modules()]
+            self.body.train()
+            now = runtime_problem(self.body)
+            for m, t in zip(self.body.modules(), states):
+                m.training = t
+            if now:
+                return f"explicit: runs its chain while {now}; collapses once none holds"
+        return self.train_mode
 
     def extra_repr(self) -> str:
         return (f"original={self.original_type}({self.original_config}), method={self.method!r}, "
@@ -139,9 +156,12 @@ class ExpandedRegion(nn.Module):
         # collapsed in training only; in eval mode, exported or traced (contraction inlines regions)
         # the region runs its explicit chain, which the passes contract
         if self.training and getattr(self, "train_mode", "explicit") == "collapsed" and len(args) == 1 and not kwargs \
-                and isinstance(args[0], torch.Tensor) and not isinstance(args[0], fx.Proxy) \
-                and collapse_pays(self.body, tuple(args[0].shape)):
-            return run_collapsed(self.body, args[0])
+                and isinstance(args[0], torch.Tensor) and not isinstance(args[0], fx.Proxy):
+            why = runtime_problem(self.body) or (
+                "" if collapse_pays(self.body, tuple(args[0].shape)) else "composing costs more than the chain on this input")
+            self.last_form = f"explicit: {why}" if why else "collapsed"
+            if not why:
+                return run_collapsed(self.body, args[0])
         return self.body(*args, **kwargs)
 
 
