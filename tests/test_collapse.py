@@ -401,3 +401,20 @@ def test_a_forward_composes_each_region_once(monkeypatch):
         model(x).sum().backward()
         collapsed = [n for n, f in fxexpand.train_forms(model).items() if f == "collapsed"]
         assert collapsed and len(calls) == len(collapsed) == len(set(calls)), step
+
+
+def test_decay_identity_follows_every_write():
+    """``is_identity`` is cached on the buffer's version (no accelerator sync per forward) and still
+    sees every write: fill_, set_decay, load_state_dict, a copy's own buffer."""
+    m = DecayActivation(nn.ReLU(), alpha=0.5)
+    assert not m.is_identity
+    with torch.no_grad():
+        m.alpha.fill_(1.0)
+    assert m.is_identity
+    m.load_state_dict({"alpha": torch.tensor(0.25), "decay_step": torch.tensor(0)})
+    assert not m.is_identity
+    fxexpand.set_decay(m, 1.0)
+    assert m.is_identity
+    c = copy.deepcopy(m)
+    fxexpand.set_decay(c, 0.0)
+    assert not c.is_identity and m.is_identity

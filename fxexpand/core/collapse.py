@@ -108,19 +108,25 @@ def chain_problem(body: nn.Module) -> str:
     return ""
 
 
-def runtime_problem(body: nn.Module) -> str:
+def runtime_problem(body: nn.Module, first: bool = False) -> str:
     """Why a structurally collapsible ``body`` (:func:`chain_problem` is "") must run its chain in
-    its current state ("" if it need not): a BatchNorm in train mode (batch statistics), a
-    :class:`DecayActivation` below alpha = 1 (not linear: NetBooster blocks during PLT), dropout in
-    train mode."""
+    its current state ("" if it need not): a BatchNorm in train mode (batch statistics), dropout in
+    train mode, a :class:`DecayActivation` below alpha = 1 (not linear: NetBooster blocks during
+    PLT). ``first``: stop at the first reason (the module flags before any alpha is read)."""
+    layers = _chain(body)[0]
     reasons = []
-    for m in _chain(body)[0]:
+    for m in layers:
         if type(m) in _NORMS and m.training:
             reasons.append(f"{type(m).__name__} in train mode (batch statistics)")
-        elif type(m) is DecayActivation and not m.is_identity:
-            reasons.append(f"DecayActivation at alpha {float(m.alpha):.3g} < 1 (not linear)")
         elif type(m) in _DROPOUTS and m.training and m.p > 0:
             reasons.append(f"{type(m).__name__} in train mode")
+        if first and reasons:
+            return reasons[0]
+    for m in layers:
+        if type(m) is DecayActivation and not m.is_identity:
+            reasons.append(f"DecayActivation at alpha {float(m.alpha):.3g} < 1 (not linear)")
+            if first:
+                return reasons[-1]
     return "; ".join(dict.fromkeys(reasons))
 
 

@@ -50,8 +50,15 @@ class DecayActivation(nn.Module):
 
     @property
     def is_identity(self) -> bool:
-        """True only when alpha is exactly 1 (the activation is linear and removable)."""
-        return bool(self.alpha.item() == 1.0)
+        """True only when alpha is exactly 1 (the activation is linear and removable). Read from the
+        buffer only when it changed (its version counter moves with every in-place write: schedules,
+        ``load_state_dict``), so a training forward that asks does not synchronise an accelerator."""
+        key = (id(self.alpha), self.alpha.data_ptr(), self.alpha._version)
+        cached = getattr(self, "_identity_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, bool(self.alpha.item() == 1.0))
+            self._identity_cache = cached
+        return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One form covers every kind: with h = act(x), x − (1 − alpha)·(x − h)

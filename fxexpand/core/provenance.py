@@ -157,7 +157,7 @@ class ExpandedRegion(nn.Module):
         # the region runs its explicit chain, which the passes contract
         if self.training and getattr(self, "train_mode", "explicit") == "collapsed" and len(args) == 1 and not kwargs \
                 and isinstance(args[0], torch.Tensor) and not isinstance(args[0], fx.Proxy):
-            why = runtime_problem(self.body) or (
+            why = runtime_problem(self.body, first=True) or (
                 "" if collapse_pays(self.body, tuple(args[0].shape)) else "composing costs more than the chain on this input")
             self.last_form = f"explicit: {why}" if why else "collapsed"
             if not why:
