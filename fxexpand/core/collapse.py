@@ -68,7 +68,7 @@ def _is_factor(m: nn.Module) -> bool:
 
 def _depthwise(m: nn.Module) -> bool:
     """A convolution with one input and one output channel per group (a per-channel filter)."""
-    return type(m) in _CONVS and m.groups == m.in_channels == m.out_channels and m.groups > 1
+    return type(m) in _CONVS and _is_dw(_layer_key(m))
 
 
 def chain_problem(body: nn.Module) -> str:
@@ -108,17 +108,19 @@ def chain_problem(body: nn.Module) -> str:
     return ""
 
 
-def runtime_problem(body: nn.Module, first: bool = False) -> str:
+def runtime_problem(body: nn.Module, first: bool = False, assume_training: bool = False) -> str:
     """Why a structurally collapsible ``body`` (:func:`chain_problem` is "") must run its chain in
     its current state ("" if it need not): a BatchNorm in train mode (batch statistics), dropout in
     train mode, a :class:`DecayActivation` below alpha = 1 (not linear: NetBooster blocks during
-    PLT). ``first``: stop at the first reason (the module flags before any alpha is read)."""
+    PLT). ``first``: stop at the first reason (the module flags before any alpha is read);
+    ``assume_training``: as if every module were in train mode (what ``model.train()`` gives)."""
     layers = _chain(body)[0]
     reasons = []
     for m in layers:
-        if type(m) in _NORMS and m.training:
+        training = m.training or assume_training
+        if type(m) in _NORMS and training:
             reasons.append(f"{type(m).__name__} in train mode (batch statistics)")
-        elif type(m) in _DROPOUTS and m.training and m.p > 0:
+        elif type(m) in _DROPOUTS and training and m.p > 0:
             reasons.append(f"{type(m).__name__} in train mode")
         if first and reasons:
             return reasons[0]
@@ -146,9 +148,11 @@ def _shortcut_problem(factors: list[nn.Module]) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _tap_map(k1: tuple, k2: tuple, s1: tuple, d1: tuple, d2: tuple, D: tuple, size: tuple) -> torch.Tensor:
+def _tap_map(k1: tuple, k2: tuple, s1: tuple, d1: tuple, d2: tuple, D: tuple, size: tuple,
+             dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """P[a, b, u] = 1 where tap a of conv1 and tap b of conv2 land on tap u of the composed kernel
-    (per dim: d1·a + s1·d2·b = D·u); a constant of the geometry (cached), not of the factors."""
+    (per dim: d1·a + s1·d2·b = D·u); a constant of the geometry (cached per dtype and device, so
+    a forward does not convert it), not of the factors."""
     nd = len(k1)
     taps1 = list(itertools.product(*[range(k) for k in k1]))
     taps2 = list(itertools.product(*[range(k) for k in k2]))
@@ -159,7 +163,7 @@ def _tap_map(k1: tuple, k2: tuple, s1: tuple, d1: tuple, d2: tuple, D: tuple, si
         for ib, b in enumerate(taps2):
             u = tuple((d1[k] * a[k] + s1[k] * d2[k] * b[k]) // D[k] for k in range(nd))
             p[ia, ib, index[u]] = 1.0
-    return p
+    return p.to(device=device, dtype=dtype)
 
 
 def _pair_geometry(k1: tuple, s1: tuple, d1: tuple, k2: tuple, d2: tuple) -> tuple:
@@ -190,12 +194,10 @@ def _compose_conv(w1: torch.Tensor, b1, s1, p1, d1, g1: int, w2: torch.Tensor, b
             cin = w1.shape[0] // g2
             left = w1.reshape(g2, 1, cin, t1).expand(g2, o // g2, cin, t1).reshape(o, cin, t1)
             right = w2.reshape(o, cin, t2)
-        if t2 == 1 and k1 == size:
-            K = left * right
-        elif t1 == 1 and k2 == size:
+        if (t2 == 1 and k1 == size) or (t1 == 1 and k2 == size):  # one side's taps ride along
             K = left * right
         else:
-            P = _tap_map(k1, k2, tuple(s1), d1, d2, D, size).to(device=w1.device, dtype=w1.dtype)
+            P = _tap_map(k1, k2, tuple(s1), d1, d2, D, size, w1.dtype, w1.device)
             K = torch.matmul((left.unsqueeze(-1) * right.unsqueeze(-2)).reshape(o, cin, t1 * t2), P.reshape(t1 * t2, -1))
         weight = K.reshape(o, cin, *size)
     else:
@@ -209,7 +211,7 @@ def _compose_conv(w1: torch.Tensor, b1, s1, p1, d1, g1: int, w2: torch.Tensor, b
             dilation = tuple(s1[k] * d2[k] // D[k] for k in range(nd))
             K = _CONV_T_FN[nd](w1.transpose(0, 1), w2.transpose(0, 1), None, stride, 0, 0, 1, dilation).transpose(0, 1)
         else:  # grouped: the conv_transpose above would run group by group on CPU; a batched product instead
-            P = _tap_map(k1, k2, tuple(s1), d1, d2, D, size).to(device=w1.device, dtype=w1.dtype)
+            P = _tap_map(k1, k2, tuple(s1), d1, d2, D, size, w1.dtype, w1.device)
             Q = torch.einsum("gomb,gmia->goiab", w2.reshape(groups, o // groups, mg, t2), w1.reshape(groups, mg, ig, t1))
             K = torch.einsum("goiab,abu->goiu", Q, P)
         weight = K.reshape(o, ig, *size)

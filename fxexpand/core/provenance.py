@@ -139,11 +139,7 @@ class ExpandedRegion(nn.Module):
             return f"explicit: {problem}"
         if mode == "collapsed":
             # what blocks it in training as the model stands (BatchNorms train with the model)
-            states = [m.training for m in self.body.modules()]
-            self.body.train()
-            now = runtime_problem(self.body)
-            for m, t in zip(self.body.modules(), states):
-                m.training = t
+            now = runtime_problem(self.body, assume_training=True)
             if now:
                 return f"explicit: runs its chain while {now}; collapses once none holds"
         return self.train_mode
