@@ -41,7 +41,8 @@ SECTIONS = [
     ("Engine names for pass authors (fxexpand.core)", fxexpand.core, [
         "ScopedPass", "required_arguments", "LinearOp", "linear_op_of", "bn_of", "shared_use", "value_users",
         "is_metadata_read", "move_metadata_reads", "scale_of", "scale_as_op", "bias_sink",
-        "replace_nodes_with_module", "propagate_shapes", "as_inputs", "select_targets", "residual_branch_nodes", "output_layers", "compose", "sum_parallel",
+        "replace_nodes_with_module", "propagate_shapes", "shapes_known", "require_shapes",
+        "ShapePropagationError", "specialised_defaults", "as_inputs", "select_targets", "residual_branch_nodes", "output_layers", "compose", "sum_parallel",
         "bn_as_op", "analyse", "resize"]),
     ("Typed records (fxexpand.core)", fxexpand.core, [
         "set_record", "get_record", "ModuleRenames", "ParameterOrigins", "Recipe", "GrowthRecord", "ChainRecord",

@@ -114,7 +114,9 @@ def compile(  # noqa: A001 - mirrors torch.compile's name on purpose
     pass_objs = [build_pass(p) for p in passes]
     training = model.training
     work = copy.deepcopy(model)
-    gm = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    # optional None / bool arguments the example inputs do not give are traced at their defaults
+    num_inputs = len(as_inputs(example_inputs)) if example_inputs is not None else None
+    gm = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args, num_inputs=num_inputs)
     # typed records of the input (GrowthPlan's growth record, the model's factory) carry over
     for record in persistent_records(work):
         set_record(gm, record)
@@ -320,8 +322,8 @@ def _contract_once(work: nn.Module, inputs: tuple, *, target, leaf_modules, conc
     # lazy: the code of the traced graph is never needed, only the contracted graph's (generated once, below)
     # target "deploy": identities and eval-mode dropout never enter the graph (RemoveIdentity would
     # remove every one of them); "original" keeps them outside the expanded regions
-    gm = _traced_with_records(work, leaf_modules=leaf_modules, concrete_args=concrete_args, inline_regions=True,
-                              lazy=True, drop_identities=target == "deploy")
+    gm = _traced_with_records(work, leaf_modules=leaf_modules, concrete_args=concrete_args, num_inputs=len(inputs),
+                              inline_regions=True, lazy=True, drop_identities=target == "deploy")
     propagate_shapes(gm, inputs)
     notes: list[Note] = []
     for manager in pipelines.contraction(target, extra_passes=tuple(extra_passes), verify_each=verify_each,

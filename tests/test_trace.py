@@ -1,3 +1,6 @@
+import inspect
+import operator
+
 import pytest
 import torch
 from torch import nn
@@ -58,13 +61,76 @@ def test_leaf_modules_remedy_by_type_and_name():
     torch.testing.assert_close(fxexpand.trace(m, leaf_modules=["gate"])(x), m(x))
 
 
+class FlagRequired(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x, double):
+        y = self.conv(x)
+        if double:
+            y = y * 2
+        return y
+
+
 def test_concrete_args_remedy():
-    m = Flagged()
+    torch.manual_seed(0)
+    m = FlagRequired()
     with pytest.raises(TraceError):
         fxexpand.trace(m)
     gm = fxexpand.trace(m, concrete_args={"double": True})
     x = torch.randn(1, 3, 4, 4)
     torch.testing.assert_close(gm(x, True), m(x, True))
+    # a flag with a default is traced at its default unless concrete_args says otherwise
+    gm = fxexpand.trace(Flagged(), concrete_args={"double": True})
+    torch.testing.assert_close(gm(x, True), 2 * gm.conv(x))
+
+
+def test_flag_with_a_default_is_traced_at_its_default():
+    """``forward(x, double=False)``: traced at ``double=False`` (an ``if`` on a placeholder cannot be
+    traced); the traced forward keeps the parameter and its default and refuses another value."""
+    torch.manual_seed(0)
+    m = Flagged()
+    gm = fxexpand.trace(m)
+    x = torch.randn(1, 3, 4, 4)
+    torch.testing.assert_close(gm(x), m(x))
+    sig = inspect.signature(gm.forward)
+    assert list(sig.parameters) == ["x", "double"] and sig.parameters["double"].default is False
+    with pytest.raises(AssertionError, match="double has been specialized"):
+        gm(x, True)
+    assert fxexpand.core.specialised_defaults(m) == {"double": False}
+    assert fxexpand.core.specialised_defaults(m, num_inputs=2) == {}
+    assert fxexpand.core.specialised_defaults(m, concrete_args={"double": True}) == {}
+
+
+class OptionalScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x, scale=None):
+        y = self.conv(x)
+        if scale is not None:  # with a placeholder, always taken
+            y = y * scale
+        return y
+
+
+def test_optional_input_given_by_the_example_inputs_stays_an_input():
+    torch.manual_seed(0)
+    m = OptionalScale()
+    x, s = torch.randn(2, 3, 4, 4), torch.rand(2, 1, 1, 1)
+    at_default = fxexpand.trace(m)  # scale=None: the branch is not taken
+    torch.testing.assert_close(at_default(x), m(x))
+    assert not any(n.target is operator.mul for n in at_default.graph.nodes)
+    with pytest.raises(AssertionError, match="scale has been specialized"):
+        at_default(x, s)
+    given = fxexpand.trace(m, num_inputs=2)
+    torch.testing.assert_close(given(x, s), m(x, s))
+    # contract and compile trace with the example inputs' count
+    torch.testing.assert_close(fxexpand.contract(m, (x, s))(x, s), m(x, s))
+    torch.testing.assert_close(fxexpand.contract(m, (x,))(x), m(x))
+    with pytest.raises(TypeError, match="num_inputs"):
+        fxexpand.trace(m, num_inputs=-1)
 
 
 def test_bad_arguments():

@@ -49,6 +49,7 @@ from .errors import (
     PassError,
     PostconditionError,
     PreconditionError,
+    ShapePropagationError,
     TraceError,
 )
 from .fx import (
@@ -72,8 +73,10 @@ from .fx import (
     propagate_shapes,
     replace_nodes_with_module,
     replace_tensor,
+    require_shapes,
     set_module,
     shallow_copy_module,
+    shapes_known,
     unwrap,
     value_users,
 )
@@ -151,7 +154,7 @@ from .select import (
     select_targets,
     spread,
 )
-from .trace import ModuleCall, trace, trace_with_calls
+from .trace import ModuleCall, specialised_defaults, trace, trace_with_calls
 from .verify import (
     OutputError,
     VerifyReport,
@@ -172,12 +175,13 @@ __all__ = [
     "Segment",
     # errors
     "ContractionError", "EquivalenceError", "ExportError", "FxExpandError", "InputError", "LoadError",
-    "PassError", "PostconditionError", "PreconditionError", "TraceError",
+    "PassError", "PostconditionError", "PreconditionError", "ShapePropagationError", "TraceError",
     # fx
     "as_inputs", "attr_use_counts", "delete_unused_submodules", "erase_if_dead", "fresh_name", "get_attr", "get_module", "has_module",
     "in_scope", "is_metadata_read", "metadata_reads", "module_call_count", "module_call_counts",
     "move_metadata_reads", "node_input", "node_label", "out_shape", "propagate_shapes",
-    "replace_nodes_with_module", "replace_tensor", "set_module", "shallow_copy_module", "unwrap", "value_users",
+    "replace_nodes_with_module", "replace_tensor", "require_shapes", "set_module", "shallow_copy_module",
+    "shapes_known", "unwrap", "value_users",
     # infra
     "Note", "Pass", "PassManager", "PassResult", "ScopedPass", "build_pass", "get_pass", "register_pass",
     "registered_passes", "required_arguments", "unregister_pass",
@@ -196,7 +200,7 @@ __all__ = [
     "residual_branch_nodes", "output_layers",
     "spread",
     # trace
-    "ModuleCall", "trace", "trace_with_calls",
+    "ModuleCall", "specialised_defaults", "trace", "trace_with_calls",
     # verify
     "OutputError", "VerifyReport", "flatten_outputs", "nonfinite_tensors", "to_float64", "verify",
 ]

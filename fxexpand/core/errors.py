@@ -18,6 +18,7 @@ __all__ = [
     "ExportError",
     "LoadError",
     "InputError",
+    "ShapePropagationError",
 ]
 
 
@@ -68,3 +69,14 @@ class LoadError(FxExpandError):
 
 class InputError(FxExpandError):
     """Example inputs (or an input shape) do not fit the model."""
+
+
+class ShapePropagationError(FxExpandError):
+    """Shape propagation (:func:`fxexpand.core.propagate_shapes`) failed on a node although the model
+    runs on the example inputs. ``node``: the name of the node that failed (None if unknown);
+    ``cause``: the exception it raised (also the ``__cause__``)."""
+
+    def __init__(self, message: str, *, node: str | None = None, cause: BaseException | None = None):
+        super().__init__(message)
+        self.node = node
+        self.cause = cause

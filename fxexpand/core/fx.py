@@ -21,14 +21,14 @@ from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from .errors import FxExpandError, InputError
+from .errors import FxExpandError, InputError, PreconditionError, ShapePropagationError
 from .provenance import region_of
 
 __all__ = [
     "get_module", "get_attr", "set_module", "fresh_name", "has_module", "module_call_count",
     "module_call_counts", "attr_use_counts", "is_metadata_read", "value_users", "metadata_reads",
     "move_metadata_reads", "node_input", "out_shape", "node_label",
-    "in_scope", "erase_if_dead", "replace_nodes_with_module", "delete_unused_submodules", "shallow_copy_module", "as_inputs", "propagate_shapes", "unwrap",
+    "in_scope", "erase_if_dead", "replace_nodes_with_module", "delete_unused_submodules", "shallow_copy_module", "as_inputs", "propagate_shapes", "shapes_known", "require_shapes", "unwrap",
 ]
 
 def get_module(gm: nn.Module, qualname: str) -> nn.Module:
@@ -329,7 +329,10 @@ def as_inputs(example_inputs: Any) -> tuple:
 class _ShapeProp(ShapeProp):
     """torch.fx's ShapeProp (real tensors, no fake mode) recording the same ``TensorMetadata`` with
     what fxexpand reads (shape, dtype, requires_grad, stride) and without ShapeProp's per-node
-    memory-format probes and quantisation parameters (a fifth of a contraction's shape pass)."""
+    memory-format probes and quantisation parameters (a fifth of a contraction's shape pass).
+    ``failed``: the node whose run raised (None while every node ran)."""
+
+    failed: fx.Node | None = None
 
     def fetch_attr(self, target: str) -> Any:
         # torch's walks the path with hasattr + getattr per atom (nn.Module.__getattr__, twice);
@@ -337,55 +340,112 @@ class _ShapeProp(ShapeProp):
         return get_module(self.module, target)
 
     def run_node(self, n: fx.Node) -> Any:
-        result = fx.Interpreter.run_node(self, n)
-        found = False
+        try:
+            result = fx.Interpreter.run_node(self, n)
+            found = False
 
-        def meta(obj: Any) -> Any:
-            nonlocal found
-            if isinstance(obj, torch.Tensor):
-                found = True
-                return TensorMetadata(obj.shape, obj.dtype, obj.requires_grad, obj.stride(), None, False, {})
-            return obj
+            def meta(obj: Any) -> Any:
+                nonlocal found
+                if isinstance(obj, torch.Tensor):
+                    found = True
+                    return TensorMetadata(obj.shape, obj.dtype, obj.requires_grad, obj.stride(), None, False, {})
+                return obj
 
-        tm = map_aggregate(result, meta)
+            tm = map_aggregate(result, meta)
+        except Exception:
+            if self.failed is None:  # (the innermost node: a failing node is reported once)
+                self.failed = n
+            raise
         if found:
             n.meta["tensor_meta"] = tm
+        # every node ShapeProp ran has its value's type (also a placeholder whose value is None or a
+        # flag, such as timm ViT's ``attn_mask=None`` / ``is_causal=False``): see :func:`shapes_known`
         n.meta["type"] = type(result)
         return result
+
+
+def _message(e: BaseException) -> str:
+    """An exception's message without the "While executing %node ..." trailer fx's Interpreter adds."""
+    return str(e).split("\n\nWhile executing", 1)[0]
+
+
+def _node_text(n: fx.Node) -> str:
+    target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", repr(n.target))
+    return f"node {n.name!r} ({n.op} {target})"
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
     """Record output shapes on every node (``node.meta['tensor_meta']``) with ShapeProp, in eval mode.
 
-    The modules' training flags are restored afterwards, and no running statistic changes.
+    The modules' training flags are restored afterwards, and no running statistic changes. Every
+    node that ran also gets ``node.meta['type']`` (the type of its value: a placeholder whose value
+    is a default such as ``None`` or ``False`` has a type but no tensor shape); :func:`shapes_known`
+    reads it.
+
+    Errors (never swallowed): :class:`InputError` when the model itself fails on the inputs (the
+    message names the node and the exception); :class:`ShapePropagationError` when the model runs
+    but shape propagation fails on a node (the error names the node, its op and the exception).
     """
     inputs = as_inputs(example_inputs)
     flags = {m: m.training for m in gm.modules()}
     if any(flags.values()):  # (a walk of every module: skipped when they are all in eval mode already)
         gm.eval()
+    prop = _ShapeProp(gm)
     try:
         with torch.no_grad():
             try:
-                # one run; ShapeProp prints the traceback of a failing node, which the plain run
-                # below replaces with a clean message
+                # one run; what the interpreter may print about a failing node is replaced by the
+                # error below, which names the node
                 with contextlib.redirect_stderr(io.StringIO()):
-                    _ShapeProp(gm).propagate(*inputs)
-            except Exception:
-                gm(*inputs)  # a plain run: the clean error message for inputs that do not fit
+                    prop.propagate(*inputs)
+            except FxExpandError:
                 raise
-    except FxExpandError:
-        raise
-    except Exception as e:
-        shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-                           for t in inputs)
-        raise InputError(
-            f"the model failed on example inputs of shape/dtype ({shapes}): {type(e).__name__}: {e}. "
-            "Pass example inputs (or --input-shape) that the model accepts."
-        ) from e
+            except Exception as e:
+                where = f" at {_node_text(prop.failed)}" if prop.failed is not None else ""
+                try:
+                    gm(*inputs)  # a plain run: do the inputs fit the model at all?
+                except FxExpandError:
+                    raise
+                except Exception as plain:
+                    shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor)
+                                       else type(t).__name__ for t in inputs)
+                    raise InputError(
+                        f"the model failed on example inputs of shape/dtype ({shapes}){where}: "
+                        f"{type(plain).__name__}: {_message(plain)}. Pass example inputs (or --input-shape) that the model accepts."
+                    ) from plain
+                raise ShapePropagationError(
+                    f"shape propagation failed{where} although the model runs on these example inputs: "
+                    f"{type(e).__name__}: {_message(e)}",
+                    node=prop.failed.name if prop.failed is not None else None, cause=e,
+                ) from e
     finally:
         for m, f in flags.items():
             if m.training != f:
                 m.training = f
+
+
+def shapes_known(gm: fx.GraphModule) -> bool:
+    """Whether :func:`propagate_shapes` has run on ``gm``'s inputs: every placeholder has the type of
+    its value, and a tensor placeholder its shape. A placeholder whose value is not a tensor (a
+    defaulted ``attn_mask=None`` or ``is_causal=False`` of timm's ViTs) has no shape to record and does
+    not count as missing."""
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        t = n.meta.get("type")
+        if "tensor_meta" not in n.meta and (t is None or issubclass(t, torch.Tensor)):
+            return False
+    return True
+
+
+def require_shapes(gm: fx.GraphModule, who: str) -> None:
+    """Raise :class:`~fxexpand.core.PreconditionError` naming ``who`` unless :func:`shapes_known`."""
+    if not shapes_known(gm):
+        missing = [n.name for n in gm.graph.nodes if n.op == "placeholder" and "tensor_meta" not in n.meta
+                   and (n.meta.get("type") is None or issubclass(n.meta["type"], torch.Tensor))]
+        raise PreconditionError(
+            f"{who} needs tensor shapes and the graph's inputs {missing} have none: pass example_inputs to "
+            "fxexpand.compile (or run fxexpand.core.propagate_shapes(gm, example_inputs) first)")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

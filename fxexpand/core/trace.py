@@ -6,6 +6,14 @@ being traced, the source line in *your* code where tracing stopped, and the two 
 offers: mark the module as a leaf (``leaf_modules=``) or fix the offending argument
 (``concrete_args=``).
 
+Optional arguments are traced at their defaults: a ``forward()`` parameter whose default is ``None``
+or a bool (timm ViTs' ``attn_mask=None, is_causal=False``, a ``return_features=False`` flag) and that
+neither ``concrete_args`` nor the example inputs give (``num_inputs``) is specialised to its default
+(:func:`specialised_defaults`). Traced as a placeholder instead, such an argument takes the branch
+the *non*-default value would take (``if attn_mask is not None`` is true for a proxy) and is read by
+every layer it is passed to. The parameter stays in the traced ``forward()`` signature, with its
+default; calling it with another value fails on an assertion that names the argument.
+
 When timm is loaded (a timm model always loads it), the tracer also uses timm's own FX
 registrations (:func:`timm_fx_registrations`): the modules timm registers as not traceable stay
 leaf calls and the functions it registers are autowrapped (one ``call_function`` node each), as in
@@ -25,6 +33,7 @@ restores its state afterwards and copies whatever its result still shares with i
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import traceback
@@ -44,7 +53,7 @@ try:  # torch.fx's GraphModule that generates its code at first use (torch >= 2.
 except ImportError:  # pragma: no cover - older torch: the code is generated at once
     _LazyGraphModule = None
 
-__all__ = ["trace", "trace_with_calls", "ModuleCall", "timm_fx_registrations"]
+__all__ = ["trace", "trace_with_calls", "ModuleCall", "specialised_defaults", "timm_fx_registrations"]
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -223,11 +232,55 @@ def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
     return candidate
 
 
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
+def _forward_parameters(model: nn.Module) -> list[inspect.Parameter] | None:
+    """``model.forward``'s parameters (without ``self``); None if its signature cannot be read."""
+    try:
+        return list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
+def specialised_defaults(model: nn.Module, *, concrete_args: dict[str, Any] | None = None,
+                         num_inputs: int | None = None) -> dict[str, Any]:
+    """The ``forward()`` arguments :func:`trace` specialises to their defaults: each parameter whose
+    default is ``None`` or a bool, that is not named in ``concrete_args`` and not one of the first
+    ``num_inputs`` positional parameters (the example inputs; None: no positional input is given
+    beyond the parameters without defaults). A ``forward(*args, **kwargs)`` gets none."""
+    params = _forward_parameters(model)
+    if params is None or any(p.kind in _VARIADIC for p in params):
+        return {}
+    given = set(concrete_args or ())
+    out = {}
+    for i, p in enumerate(params):
+        positional = p.kind != inspect.Parameter.KEYWORD_ONLY
+        if p.name in given or (positional and num_inputs is not None and i < num_inputs):
+            continue
+        if p.default is None or isinstance(p.default, bool):
+            out[p.name] = p.default
+    return out
+
+
+def _restore_argument_names(graph: fx.Graph, params: list[inspect.Parameter] | None) -> None:
+    """torch.fx names the placeholder of a specialised argument ``<name>_<k>``, which would become the
+    traced ``forward()``'s parameter name (and grow a suffix per retrace): give each placeholder its
+    parameter's name back (the node keeps its own name; the generated code aliases it)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if params is None or len(placeholders) != len(params):
+        return
+    for node, p in zip(placeholders, params):
+        if node.target != p.name:
+            node.target = p.name
+
+
 def trace(
     model: nn.Module,
     *,
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
+    num_inputs: int | None = None,
     inline_regions: bool = False,
     lazy: bool = False,
     drop_identities: bool = False,
@@ -239,7 +292,12 @@ def trace(
         leaf_modules: module classes or qualified names to keep as opaque calls (use this for
             submodules with data-dependent control flow).
         concrete_args: values for forward() arguments that should be specialised (e.g. flags
-            that select a code path), passed to ``torch.fx.Tracer.trace``.
+            that select a code path), passed to ``torch.fx.Tracer.trace``. Arguments with a ``None``
+            or bool default that are not given here are specialised to their default
+            (:func:`specialised_defaults`).
+        num_inputs: how many positional arguments the model will be called with (the example
+            inputs; :func:`fxexpand.compile` and :func:`fxexpand.contract` pass it): those are never
+            specialised. None: only the parameters without a default are inputs.
         inline_regions: trace *through* :class:`~fxexpand.provenance.ExpandedRegion` containers
             (contraction does this); by default each region stays one opaque call, so the traced
             module keeps the region objects and their provenance.
@@ -258,7 +316,7 @@ def trace(
     Raises:
         TraceError: if torch.fx cannot trace the model; the message names the module and the line.
     """
-    return trace_with_calls(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
+    return trace_with_calls(model, leaf_modules=leaf_modules, concrete_args=concrete_args, num_inputs=num_inputs,
                             inline_regions=inline_regions, lazy=lazy, drop_identities=drop_identities)[0]
 
 
@@ -270,6 +328,7 @@ def trace_with_calls(
     *,
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
+    num_inputs: int | None = None,
     inline_regions: bool = False,
     lazy: bool = False,
     drop_identities: bool = False,
@@ -292,6 +351,11 @@ def trace_with_calls(
         leaf_names |= {str(n.target) for n in model.graph.nodes if n.op == "call_module"}
     tracer = _FxExpandTracer(leaf_types, leaf_names)
     tracer.drop_identities = drop_identities
+    if num_inputs is not None and not (isinstance(num_inputs, int) and num_inputs >= 0):
+        raise TypeError(f"num_inputs must be an integer >= 0 or None, got {num_inputs!r}")
+    defaults = specialised_defaults(model, concrete_args=concrete_args, num_inputs=num_inputs)
+    if defaults:
+        concrete_args = {**defaults, **(concrete_args or {})}
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as e:
@@ -312,6 +376,8 @@ def trace_with_calls(
             "leaf_modules=[<its class or qualified name>] to keep it as an opaque call; if a "
             "forward() argument selects the code path, fix it with concrete_args={name: value}."
         ) from e
+    if concrete_args:
+        _restore_argument_names(graph, _forward_parameters(model))
     name = type(model).__name__
     gm = ((_LazyGraphModule if lazy else None) or fx.GraphModule)(tracer.root, graph, name)
     # a cache (gm.meta is not pickled): regions traced through, for scope="expanded" passes

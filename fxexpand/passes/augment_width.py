@@ -54,6 +54,7 @@ from ..core import (
     analyse,
     get_module,
     register_pass,
+    require_shapes,
     set_module,
     set_record,
 )
@@ -108,8 +109,7 @@ class AugmentWidth(Pass):
             raise ValueError(f"stop_width_at must be in [0, 1] or None, got {self.stop_width_at!r}")
 
     def requires(self, graph_module: fx.GraphModule) -> None:
-        if any("tensor_meta" not in n.meta for n in graph_module.graph.nodes if n.op == "placeholder"):
-            raise PreconditionError("AugmentWidth needs tensor shapes: pass example_inputs to fxexpand.compile")
+        require_shapes(graph_module, "AugmentWidth")
         if any(isinstance(m, DynamicLayer) for m in graph_module.modules()):
             raise PreconditionError("the model is already augmented (it has dynamic layers)")
 

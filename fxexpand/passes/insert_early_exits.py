@@ -50,6 +50,7 @@ from ..core import (
     get_record,
     has_module,
     register_pass,
+    require_shapes,
     set_module,
     set_record,
 )
@@ -226,8 +227,7 @@ class InsertEarlyExits(Pass):
         return points[:-1]
 
     def requires(self, graph_module: fx.GraphModule) -> None:
-        if any("tensor_meta" not in n.meta for n in graph_module.graph.nodes if n.op == "placeholder"):
-            raise PreconditionError("InsertEarlyExits needs tensor shapes: pass example_inputs to fxexpand.compile")
+        require_shapes(graph_module, "InsertEarlyExits")
         if get_record(graph_module, ExitRecord) is not None:
             raise PreconditionError("the model already has early exits")
         self._output(graph_module)
