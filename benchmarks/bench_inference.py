@@ -33,7 +33,7 @@ from _common import log, onnx_summary
 from torch import nn
 
 import fxexpand
-from fxexpand.models import SmallNet
+from fxexpand.demo.models import SmallNet
 from fxexpand.testing import randomize_bn, rel_error
 
 VARIANTS = ["original", "expanded", "onnxslim", "onnxsim", "contracted", "deploy"]
@@ -79,7 +79,7 @@ def at_alpha1(expanded: nn.Module, seed: int) -> nn.Module:
     """The expanded model as benchmarked: its BatchNorm statistics randomised, every decaying
     activation at alpha = 1 (linear, so it contracts), eval mode. In place; returns it."""
     randomize_bn(expanded, seed + 3)
-    if fxexpand.schedule.decay_modules(expanded):
+    if fxexpand.training.decay_modules(expanded):
         fxexpand.set_decay(expanded, 1.0)
     return expanded.eval()
 

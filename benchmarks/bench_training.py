@@ -69,7 +69,7 @@ def bench_model(name: str, recipes: list[str], side: int, *, budget_s: float, mi
         if not any(n.action == "expanded" for n in getattr(exp, "fxexpand_notes", [])):
             skipped[r] = "nothing to expand"
             continue
-        if fxexpand.schedule.decay_modules(exp):
+        if fxexpand.training.decay_modules(exp):
             fxexpand.set_decay(exp, 0.0)
         variants[r] = exp
     res: dict[str, Any] = {"model": name, "input_shape": [BATCH, 3, side, side], "classes": classes,

@@ -57,7 +57,7 @@ import fxexpand  # noqa: E402
 from fxexpand.core import find_regions  # noqa: E402
 from fxexpand.core.collapse import collapse_pays, compose_chain  # noqa: E402
 from fxexpand.demo import DemoConfig  # noqa: E402
-from fxexpand.models import SmallNet, TinyConv1d  # noqa: E402
+from fxexpand.demo.models import SmallNet, TinyConv1d  # noqa: E402
 
 VARIANTS = ("original", "explicit", "collapsed")
 

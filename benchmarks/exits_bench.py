@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, loadavg, machine_info, machine_line
 
 import fxexpand
-from fxexpand import exit_policy as ep
+from fxexpand.exits import policy as ep
 from fxexpand import exits
 from fxexpand.core import ExitRecord, get_record
 from fxexpand.demo import load_digits

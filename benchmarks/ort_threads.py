@@ -24,7 +24,7 @@ import torch
 import torchvision
 
 import fxexpand
-from fxexpand.bench import make_session, random_feeds
+from fxexpand.deploy.bench import make_session, random_feeds
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ with a time limit (``--time-limit`` seconds per model), records
   ``trace_survey.prepare_weights``), verified in float32 and float64 (max relative errors recorded;
   ``trace_survey.contract_record``, shared with the torchvision survey);
 * **latency**: onnxruntime, one thread, the original model, the deploy-contracted model and timm's own
-  ``timm.utils.reparameterize_model(model)``, timed *alternately* (``fxexpand.bench.compare_onnx``);
+  ``timm.utils.reparameterize_model(model)``, timed *alternately* (``fxexpand.compare_onnx``);
 * the **reason** for every failure (build, input size, trace, contract, export, timeout).
 
 Model selection (``timm.list_models()`` has ~1,370 models; the full run does not fit a small shared
@@ -60,8 +60,8 @@ from _common import ROOT, loadavg, machine_info, machine_line  # noqa: E402
 from trace_survey import contract_record, first_line, pick_size, prepare_weights  # noqa: E402
 
 import fxexpand  # noqa: E402
-from fxexpand.bench import compare_onnx  # noqa: E402
-from fxexpand.export import export_onnx  # noqa: E402
+from fxexpand.deploy.bench import compare_onnx  # noqa: E402
+from fxexpand.deploy.export import export_onnx  # noqa: E402
 
 try:
     import timm

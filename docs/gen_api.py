@@ -13,24 +13,24 @@ from pathlib import Path
 
 import fxexpand
 import fxexpand.core
-import fxexpand.data
+import fxexpand.demo.data
 import fxexpand.exits
 import fxexpand.passes
 import fxexpand.pipelines
-import fxexpand.protocols
 import fxexpand.testing
-import fxexpand.train
+import fxexpand.training
+import fxexpand.training.protocols
 
 SECTIONS = [
     ("Entry points", fxexpand, ["trace", "compile", "set_train_mode", "train_forms", "contract", "verify", "export_onnx", "benchmark_onnx",
                                 "compare_onnx", "save", "load", "build_model", "register_factory",
                                 "expansion_report", "count_parameters", "count_flops"]),
     ("Schedules", fxexpand, ["LinearDecay", "set_decay", "get_decay", "linearize"]),
-    ("Training", fxexpand.train, ["DecaySchedule", "Trainer", "sync_buffers", "unwrap", "lightning_callback",
+    ("Training (fxexpand.training)", fxexpand.training, ["DecaySchedule", "Trainer", "sync_buffers", "unwrap", "lightning_callback",
                                   "netaug_lightning_callback"]),
-    ("The papers' training protocols (fxexpand.protocols)", fxexpand.protocols, [
+    ("The papers' training protocols (fxexpand.training.protocols)", fxexpand.training.protocols, [
         "Phase", "Protocol", "run", "step_flops", "vanilla", "netbooster", "expandnets", "expandnets_init", "netaug"]),
-    ("Offline datasets (fxexpand.data)", fxexpand.data, ["Splits", "mnist1d", "digits", "load"]),
+    ("Offline datasets (fxexpand.demo.data)", fxexpand.demo.data, ["Splits", "mnist1d", "digits", "load"]),
     ("BoostNet early exits (fxexpand.exits)", fxexpand.exits, [
         "loss", "segments", "exit_costs", "collect", "anytime", "fit", "evaluate", "budget_curve", "Policy",
         "export", "Runner", "exit_record"]),

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import fxexpand
 from fxexpand.demo import DigitsNet, load_digits
-from fxexpand.train import DecaySchedule, sync_buffers, unwrap
+from fxexpand.training import DecaySchedule, sync_buffers, unwrap
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import fxexpand
 from fxexpand import exits
 from fxexpand.demo import DigitsNet, load_digits
 from fxexpand.passes import InsertEarlyExits
-from fxexpand.train import sync_buffers, unwrap
+from fxexpand.training import sync_buffers, unwrap
 
 
 def main() -> None:

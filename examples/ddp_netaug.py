@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import fxexpand
 from fxexpand.demo import DigitsNet, load_digits
 from fxexpand.passes import AugmentWidth
-from fxexpand.train import sync_buffers, unwrap
+from fxexpand.training import sync_buffers, unwrap
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import torch
 
 import fxexpand
 from fxexpand.demo import DigitsNet, load_digits
-from fxexpand.train import Trainer
+from fxexpand.training import Trainer
 
 
 def main(argv=None):

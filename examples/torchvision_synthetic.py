@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 import fxexpand
-from fxexpand.train import Trainer
+from fxexpand.training import Trainer
 
 
 def main(argv=None):

@@ -3,12 +3,14 @@
 Entry points: :func:`trace`, :func:`compile`, :func:`contract`, :func:`verify`, :func:`export_onnx`,
 :func:`benchmark_onnx`, :func:`save` / :func:`load`; Network Expansion with :class:`GrowthPlan` and
 :class:`EMA`; NetAug with :class:`WidthSampler`, :func:`set_width` and :func:`netaug_loss`. The engine is :mod:`fxexpand.core`, the rewrites live in :mod:`fxexpand.passes`, and
-:mod:`fxexpand.pipelines` composes them (docs/architecture.md).
+:mod:`fxexpand.pipelines` composes them; the applications are the packages :mod:`fxexpand.training`,
+:mod:`fxexpand.exits`, :mod:`fxexpand.deploy` and :mod:`fxexpand.demo` (docs/architecture.md).
 """
 
-from . import exits, passes, pipelines, recipes
+import importlib
+
+from . import _deprecated, deploy, exits, passes, pipelines, recipes, training
 from .api import ContractReport, compile, contract, set_train_mode, train_forms
-from .bench import LatencyStats, benchmark_onnx, compare_onnx
 from .core import (
     ContractionError,
     DecayActivation,
@@ -34,19 +36,48 @@ from .core import (
     trace,
     verify,
 )
-from .cost import count_flops, count_parameters
-from .ema import EMA
-from .export import export_onnx
-from .growth import GrowthPlan, Stage, find_chains, rebuild_optimizer
+from .deploy import (
+    LatencyStats,
+    benchmark_onnx,
+    compare_onnx,
+    count_flops,
+    count_parameters,
+    expansion_report,
+    export_onnx,
+    report_table,
+)
 from .io import build_model, load, register_factory, save
-from .netaug import WidthSampler, netaug_loss, set_width, sort_channels, use_width, width_record
-from .report import expansion_report, report_table
-from .schedule import LinearDecay, get_decay, linearize, set_decay
+from .training import (
+    EMA,
+    GrowthPlan,
+    LinearDecay,
+    Stage,
+    WidthSampler,
+    find_chains,
+    get_decay,
+    linearize,
+    netaug_loss,
+    rebuild_optimizer,
+    set_decay,
+    set_width,
+    sort_channels,
+    use_width,
+    width_record,
+)
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``fxexpand.train``, ``fxexpand.schedule``, ... (the old flat modules) still resolve, with a
+    DeprecationWarning, after a plain ``import fxexpand`` (``fxexpand._deprecated``)."""
+    if f"{__name__}.{name}" in _deprecated.MOVED or name == "exit_policy":
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "passes", "pipelines", "recipes", "exits", "GrowthPlan", "Stage", "EMA", "find_chains", "rebuild_optimizer",
+    "passes", "pipelines", "recipes", "exits", "training", "deploy", "GrowthPlan", "Stage", "EMA", "find_chains", "rebuild_optimizer",
     "WidthSampler", "set_width", "use_width", "netaug_loss", "sort_channels", "width_record", "expansion_report", "report_table", "LinearDecay", "set_decay", "get_decay", "linearize",
     "trace", "compile", "contract", "set_train_mode", "train_forms", "verify", "export_onnx", "benchmark_onnx", "compare_onnx",
     "save", "load", "build_model", "register_factory", "count_flops", "count_parameters",

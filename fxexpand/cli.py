@@ -24,11 +24,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import api, bench, cost, demo, exits_demo, export, io, report, schedule
+from . import api, demo, io
 from .core import FxExpandError, ModelFactory, get_record
-from .export import check_output_path
+from .demo import early_exits
+from .deploy import bench, cost, export, report
+from .deploy.export import check_output_path
 from .io import LoadedModel, build_model, load_file
 from .recipes import RECIPES, get_recipe
+from .training import schedule
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -291,11 +294,11 @@ def cmd_demo(args) -> int:
             return _fail(f"--{name.replace('_', '-')} must be at least 1")
     console = Console(highlight=False, width=max(Console().width, 160))
     if args.exits:
-        rep = exits_demo.run(seeds=args.seeds or (demo.FULL_SEEDS if args.full else 3), epochs=args.epochs,
-                             workers=args.workers, width=args.width or 4, tune=args.tune or args.full,
-                             progress=lambda m: console.print(m, markup=False))
-        console.print(exits_demo.table(rep))
-        paths = exits_demo.write_outputs(rep, args.out)
+        rep = early_exits.run(seeds=args.seeds or (demo.FULL_SEEDS if args.full else 3), epochs=args.epochs,
+                              workers=args.workers, width=args.width or 4, tune=args.tune or args.full,
+                              progress=lambda m: console.print(m, markup=False))
+        console.print(early_exits.table(rep))
+        paths = early_exits.write_outputs(rep, args.out)
         console.print(f"wrote {', '.join(map(str, paths))}", markup=False)
         return 0
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None

@@ -11,7 +11,7 @@ is on the allow-list:
   the weights come from the file), ``timm:<model>`` for every model in timm's registry (built with
   ``timm.create_model(name, pretrained=False)``: nothing is downloaded; needs the optional extra,
   ``pip install 'fxexpand[timm]'``), and ``fxexpand:<model>`` for fxexpand's own models
-  (:mod:`fxexpand.models`);
+  (:mod:`fxexpand.demo.models`);
 * names registered in this process with :func:`register_factory`;
 * names passed in ``allow=`` (the CLI's ``--allow-factory module:function``), which the user
   thereby allows fxexpand to import.
@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from . import models as _models
+from .demo import models as _models
 from .api import compile as _compile
 from .core import (
     DynamicLayer,

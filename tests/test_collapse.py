@@ -15,7 +15,7 @@ from fxexpand.core import ExpandedRegion, find_regions
 from fxexpand.core import collapse
 from fxexpand.core.collapse import chain_problem, compose_chain, run_collapsed, runtime_problem
 from fxexpand.core import DecayActivation, Residual
-from fxexpand.models import SmallNet
+from fxexpand.demo.models import SmallNet
 from fxexpand.passes import LinearExpand
 from fxexpand.testing import rel_error
 

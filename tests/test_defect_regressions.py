@@ -177,7 +177,8 @@ def test_runner_feeds_a_two_input_model_by_name(tmp_path):
     """split_module orders segment 1's inputs by first use; the Runner must feed by the model's names."""
     import torch.nn.functional as F
 
-    from fxexpand import exit_policy, exits
+    from fxexpand import exits
+    from fxexpand.exits import policy as exit_policy
     from fxexpand.passes import InsertEarlyExits
 
     class TwoInputs(nn.Module):
@@ -195,7 +196,8 @@ def test_runner_feeds_a_two_input_model_by_name(tmp_path):
     x, y = torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8)
     multi = fxexpand.compile(TwoInputs(), passes=[InsertEarlyExits(at=["a"], head="linear")],
                              example_inputs=(x, y)).eval()
-    policy = exits.Policy([float("inf"), float("-inf")], [0.5], True, [1.0, 1.0], 0.0, None)  # always the last exit
+    policy = exits.Policy(thresholds=[float("inf"), float("-inf")], p=0.0, temperatures=[0.5], boost=True,
+                          step_costs=[1.0, 1.0])  # always the last exit
     out = exits.export(multi, (x, y), tmp_path / "d", policy)
     runner = exits.Runner(out)
     for _ in range(3):

@@ -11,11 +11,14 @@ from scipy import stats
 from torch import nn
 
 import fxexpand
-from fxexpand import data, demo, exits_demo, protocols
 from fxexpand.cli import main
 from fxexpand.core import ContractionError, DecayActivation, InputError, find_regions, residual_branch_nodes, trace
-from fxexpand.models import DigitsNet, SmallNet, TinyConv1d
+from fxexpand.demo import compare as demo
+from fxexpand.demo import data
+from fxexpand.demo import early_exits as exits_demo
+from fxexpand.demo.models import DigitsNet, SmallNet, TinyConv1d
 from fxexpand.passes import LinearExpand
+from fxexpand.training import protocols
 
 
 # -- data ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""fxexpand.exit_policy: budgeted-batch and anytime early-exit math (BoostNet / MSDNet protocol)."""
+"""fxexpand.exits.policy: budgeted-batch and anytime early-exit math (BoostNet / MSDNet protocol)."""
 
 import itertools
 import json
@@ -9,8 +9,9 @@ import random
 import pytest
 import torch
 
-from fxexpand.exit_policy import (
-    ExitPolicy,
+from fxexpand.demo.early_exits import plot_curves
+from fxexpand.exits.policy import (
+    Policy,
     anytime_table,
     average_cost,
     budget_curve,
@@ -22,7 +23,6 @@ from fxexpand.exit_policy import (
     fit_policy,
     fit_thresholds,
     p_grid,
-    plot_curves,
     solve_exit_probability,
 )
 
@@ -358,15 +358,15 @@ def test_fit_policy_composes_the_pieces():
 
 
 def test_exit_policy_dict_round_trip_json():
-    pol = ExitPolicy(thresholds=[0.91, math.inf, 0.5, -math.inf], p=0.25, budget=3.5, fractions=[0.25, 0.1, 0.2, 0.45])
+    pol = Policy(thresholds=[0.91, math.inf, 0.5, -math.inf], p=0.25, budget=3.5, fractions=[0.25, 0.1, 0.2, 0.45])
     d = pol.to_dict()
     assert d["thresholds"] == [0.91, "inf", 0.5, None]
     text = json.dumps(d, allow_nan=False)  # strict JSON: no Infinity / NaN tokens
-    back = ExitPolicy.from_dict(json.loads(text))
+    back = Policy.from_dict(json.loads(text))
     assert back == pol
     assert back.thresholds[-1] == -math.inf and back.thresholds[1] == math.inf
-    no_budget = ExitPolicy(thresholds=[0.3, -math.inf], p=0.5, budget=None, fractions=[0.5, 0.5])
-    assert ExitPolicy.from_dict(json.loads(json.dumps(no_budget.to_dict(), allow_nan=False))) == no_budget
+    no_budget = Policy(thresholds=[0.3, -math.inf], p=0.5, budget=None, fractions=[0.5, 0.5])
+    assert Policy.from_dict(json.loads(json.dumps(no_budget.to_dict(), allow_nan=False))) == no_budget
 
 
 def test_budget_curve_rows():

@@ -11,7 +11,8 @@ import torchvision
 from torch import nn
 
 import fxexpand
-from fxexpand import exit_policy, exits
+from fxexpand import exits
+from fxexpand.exits import policy as exit_policy
 from fxexpand.demo import DigitsNet
 from fxexpand.passes import InsertEarlyExits
 from fxexpand.testing import randomize_bn
@@ -183,7 +184,7 @@ def test_trainer_accepts_a_multi_exit_model():
     multi = _digits_multi()
     opt = torch.optim.SGD(multi.parameters(), lr=0.05)
     before = copy.deepcopy(multi.exit_heads.state_dict())
-    fxexpand.train.Trainer(multi, opt, epochs=1).fit(_data(2, 6))
+    fxexpand.training.Trainer(multi, opt, epochs=1).fit(_data(2, 6))
     assert any(not torch.equal(v, multi.exit_heads.state_dict()[k]) for k, v in before.items())
 
 
@@ -207,7 +208,7 @@ def test_lightning_training_step_with_exits_loss():
     ds = torch.utils.data.TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,)))
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu",
-                         callbacks=[fxexpand.train.lightning_callback(epochs=1, steps_per_epoch=4)])
+                         callbacks=[fxexpand.training.lightning_callback(epochs=1, steps_per_epoch=4)])
     trainer.fit(Module(multi), train_dataloaders=torch.utils.data.DataLoader(ds, batch_size=8))
     assert any(not torch.equal(v, multi.state_dict()[k]) for k, v in before.items() if "exit_heads" in k)
 

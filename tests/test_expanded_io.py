@@ -43,7 +43,7 @@ def test_expanded_file_contracts_on_the_cli(tmp_path, capsys):
     assert main(["contract", str(path), "-o", str(out), "--target", "original"]) == 0
     assert out.exists() and "expanded by" in capsys.readouterr().out
     small = fxexpand.contract(fxexpand.load(path).eval(), (torch.randn(2, 3, 32, 32),))
-    fresh = fxexpand.models.SmallNet().eval()
+    fresh = fxexpand.demo.models.SmallNet().eval()
     fresh.load_state_dict(small.state_dict())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

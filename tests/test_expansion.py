@@ -9,7 +9,7 @@ from torch import nn
 
 import fxexpand
 from fxexpand import ContractionError, PassError
-from fxexpand.models import SmallNet
+from fxexpand.demo.models import SmallNet
 from fxexpand.passes import DecayActivations, InsertInvertedResidual, LinearExpand
 from fxexpand.testing import assert_unchanged, randomize_bn, rel_error, snapshot
 
@@ -62,7 +62,7 @@ def test_expand_train_contract_restores_original(model_name, recipe):
     expanded = expanded.double()
     n_out = 10 if model_name == "smallnet" else 1000
     _train_steps(expanded, x, n_out)
-    if fxexpand.schedule.decay_modules(expanded):
+    if fxexpand.training.decay_modules(expanded):
         with pytest.raises(ContractionError, match="not linear yet"):
             fxexpand.contract(expanded, (x,))
         fxexpand.set_decay(expanded, 1.0)
@@ -110,7 +110,7 @@ def test_inverted_residual_on_conv1d_with_shortcut(kernel_size):
     region = e.get_submodule("b")
     assert isinstance(region, fxexpand.ExpandedRegion) and region.original_type == "Conv1d"
     assert isinstance(region.body, fxexpand.core.Residual)  # 8 -> 8, stride 1: shortcut
-    acts = fxexpand.schedule.decay_modules(e)
+    acts = fxexpand.training.decay_modules(e)
     assert {m.kind for m in acts.values()} >= {"blend"}  # GELU next to b: blend
     _train_steps(e, x, 4)
     fxexpand.set_decay(e, 1.0)
@@ -250,7 +250,7 @@ def test_decay_kinds():
     e = fxexpand.compile(model, passes=[InsertInvertedResidual(targets=["0"]), DecayActivations(kind="leaky")])
     assert any("does not apply to Hardswish" in n.reason for n in e.fxexpand_notes)
     e = fxexpand.compile(model, passes=[InsertInvertedResidual(targets=["0"]), DecayActivations(kind="blend")])
-    assert {m.kind for m in fxexpand.schedule.decay_modules(e).values()} == {"blend"}
+    assert {m.kind for m in fxexpand.training.decay_modules(e).values()} == {"blend"}
 
 
 def test_linear_decay_schedule_and_state_dict_round_trip():

@@ -20,7 +20,7 @@ from fxexpand.core import (
     ParameterOrigins,
     get_record,
 )
-from fxexpand.growth import spread
+from fxexpand.training.growth import spread
 from fxexpand.passes import GrowWidth, InsertEMABlocks
 from fxexpand.testing import assert_unchanged, randomize_bn, rel_error, snapshot
 

@@ -5,7 +5,7 @@ import torch
 
 import fxexpand
 from fxexpand.demo import DigitsNet
-from fxexpand.train import lightning_callback
+from fxexpand.training import lightning_callback
 
 pl = pytest.importorskip("lightning.pytorch")
 

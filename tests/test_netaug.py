@@ -194,7 +194,7 @@ def test_running_statistics_describe_the_tiny_model_after_training():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xtr, ytr), batch_size=64, shuffle=True)
     opt = torch.optim.SGD(aug.parameters(), lr=0.1, momentum=0.9)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 6)
-    fxexpand.train.Trainer(aug, opt, epochs=6, lr_scheduler=cosine, netaug=fxexpand.WidthSampler(aug, seed=0)).fit(loader)
+    fxexpand.training.Trainer(aug, opt, epochs=6, lr_scheduler=cosine, netaug=fxexpand.WidthSampler(aug, seed=0)).fit(loader)
     acc_base = _accuracy(aug, xte, yte)
     small = fxexpand.contract(aug, (xte[:2],))
     model.load_state_dict(small.state_dict())
@@ -277,17 +277,17 @@ def test_trainer_option_trains_and_ends_in_base_mode():
     opt = torch.optim.SGD(aug.parameters(), lr=0.05)
     snap = snapshot(aug)
     sampler = fxexpand.WidthSampler(aug, seed=0)
-    trainer = fxexpand.train.Trainer(aug, opt, epochs=2, netaug=sampler, separate_backward=True,
-                                     sort_channels="augmented")
+    trainer = fxexpand.training.Trainer(aug, opt, epochs=2, netaug=sampler, separate_backward=True,
+                                        sort_channels="augmented")
     trainer.fit(loader)
     assert sampler.total_steps == 8
     assert all(m.is_base for m in aug.modules() if isinstance(m, DynamicLayer))
     with pytest.raises(AssertionError):
         assert_unchanged(aug, snap)  # it trained
     with pytest.raises(TypeError):
-        fxexpand.train.Trainer(aug, opt, epochs=1, netaug=True)
+        fxexpand.training.Trainer(aug, opt, epochs=1, netaug=True)
     with pytest.raises(ValueError):
-        fxexpand.train.Trainer(aug, opt, epochs=1, sort_channels="augmented")
+        fxexpand.training.Trainer(aug, opt, epochs=1, sort_channels="augmented")
 
 
 def test_lightning_callback():
@@ -311,7 +311,7 @@ def test_lightning_callback():
     aug = _augment(DigitsNet(), torch.randn(2, 1, 8, 8))
     ds = torch.utils.data.TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,)))
     sampler = fxexpand.WidthSampler(aug, seed=0)
-    cb = fxexpand.train.netaug_lightning_callback(sampler, sort="augmented")
+    cb = fxexpand.training.netaug_lightning_callback(sampler, sort="augmented")
     before = copy.deepcopy(aug.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -7,7 +7,7 @@ from torch import nn
 import fxexpand
 from fxexpand.cli import main
 from fxexpand.demo import DigitsNet, load_digits
-from fxexpand.train import DecaySchedule, Trainer, unwrap
+from fxexpand.training import DecaySchedule, Trainer, unwrap
 
 
 def test_decay_schedule_places_the_decay_at_the_end():

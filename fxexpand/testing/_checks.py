@@ -28,9 +28,9 @@ from ..core import (
     propagate_shapes,
     trace,
 )
-from ..cost import count_flops
-from ..export import export_onnx
-from ..netaug import WidthSampler, netaug_loss, set_width, use_width
+from ..deploy.cost import count_flops
+from ..deploy.export import export_onnx
+from ..training.netaug import WidthSampler, netaug_loss, set_width, use_width
 from ..passes import (
     AugmentWidth,
     InsertEarlyExits,
@@ -41,8 +41,8 @@ from ..passes import (
     LinearExpand,
     RemoveIdentity,
 )
-from ..schedule import set_decay
-from ._helpers import _require, assert_unchanged, rel_error, snapshot
+from ..training.schedule import set_decay
+from ._helpers import require, assert_unchanged, rel_error, snapshot
 
 __all__ = [
     "CheckResult",
@@ -119,9 +119,9 @@ def _compare(ref: nn.Module, cand: nn.Module, trials: list[tuple], what: str, rt
     with torch.no_grad():
         for xs in trials:
             a, b = ref(*xs), cand(*xs)
-            _require(a.shape == b.shape, f"{what}: output shape {tuple(b.shape)} != {tuple(a.shape)}")
+            require(a.shape == b.shape, f"{what}: output shape {tuple(b.shape)} != {tuple(a.shape)}")
             e = rel_error(a, b)
-            _require(e <= rtol, f"{what}: relative error {e:.3e} > {rtol:.0e}")
+            require(e <= rtol, f"{what}: relative error {e:.3e} > {rtol:.0e}")
             worst = max(worst, e)
     return worst
 
@@ -167,24 +167,24 @@ def check_expansion(model: nn.Module, example_inputs: tuple, passes: str | Seque
     small = contract(expanded, x64, target="original")  # a ContractionError here is a bug in the expansion
     assert_unchanged(expanded, snap_e, "contract(target='original')")
     sd_o, sd_s = m64.state_dict(), small.state_dict()
-    _require(set(sd_s) == set(sd_o), f"contracted state_dict keys differ: missing {sorted(set(sd_o) - set(sd_s))}, "
+    require(set(sd_s) == set(sd_o), f"contracted state_dict keys differ: missing {sorted(set(sd_o) - set(sd_s))}, "
                                      f"extra {sorted(set(sd_s) - set(sd_o))}")
     for k, v in sd_o.items():
-        _require(sd_s[k].shape == v.shape,
+        require(sd_s[k].shape == v.shape,
                  f"{k}: contracted shape {tuple(sd_s[k].shape)} != original {tuple(v.shape)}")
     restored = copy.deepcopy(m64)
     restored.load_state_dict(sd_s, strict=True)
     trials = _random_inputs(x64, gen, 3)
     errors = {"original": _compare(expanded, restored, trials, f"expand[{name}] -> contract(original)", RTOL64)}
     f_orig, f_small = _flops(m64, x64), _flops(restored, x64)
-    _require(f_small == f_orig, f"contracted FLOPs {f_small} != original FLOPs {f_orig}")
+    require(f_small == f_orig, f"contracted FLOPs {f_small} != original FLOPs {f_orig}")
     if deploy:
         dep = contract(expanded, x64, target="deploy")
         errors["deploy"] = _compare(expanded, dep, trials, f"expand[{name}] -> contract(deploy)", RTOL64)
         # inside a region the fusion restores the original layer, which may cost more than the expanded
         # chain (a narrow bottleneck can be cheaper than a k x k conv): compare with the original
         f_dep = _flops(dep, x64)
-        _require(f_dep <= f_orig, "contract(deploy) of the expanded model has more FLOPs than the original: "
+        require(f_dep <= f_orig, "contract(deploy) of the expanded model has more FLOPs than the original: "
                                   f"{f_dep} > {f_orig}")
     return CheckResult(f"expand[{name}]", "ok", f"{len(regions)} region(s)", errors)
 
@@ -204,9 +204,9 @@ def check_deploy(model: nn.Module, example_inputs: tuple, *, onnx: bool = True) 
     assert_unchanged(m, snap, "contract(target='deploy')")
     ver = small.fxexpand_report.verification
     e64 = ver.max_rel_error("float64")
-    _require(e64 <= RTOL64, f"deploy contraction: float64 relative error {e64:.3e}")
+    require(e64 <= RTOL64, f"deploy contraction: float64 relative error {e64:.3e}")
     f_in, f_out = _flops(m, example_inputs), _flops(small, example_inputs)
-    _require(f_out <= f_in, f"contract(deploy) increased FLOPs: {f_in} -> {f_out}")
+    require(f_out <= f_in, f"contract(deploy) increased FLOPs: {f_in} -> {f_out}")
     errors = {"float64": e64, "float32": ver.max_rel_error("float32")}
     if onnx:
         errors["onnx"] = _check_onnx(small, example_inputs)
@@ -223,7 +223,7 @@ def _check_onnx(model: nn.Module, inputs: tuple) -> float:
     with torch.no_grad():
         want = model(*inputs)
     e = rel_error(want, torch.from_numpy(got[0]))
-    _require(e <= 1e-4, f"onnxruntime differs from torch by {e:.3e} relative")
+    require(e <= 1e-4, f"onnxruntime differs from torch by {e:.3e} relative")
     return e
 
 
@@ -289,9 +289,9 @@ def check_verify_each(model: nn.Module, example_inputs: tuple, position: int) ->
         pm(gm)
     except EquivalenceError as e:
         msg = str(e)
-        _require(msg.startswith("pass BreakOutput changed the model's function"), msg)
+        require(msg.startswith("pass BreakOutput changed the model's function"), msg)
         before = ", ".join(p.name for p in good[:position]) or "none"
-        _require(f"passes run before it: {before})" in msg, msg)
+        require(f"passes run before it: {before})" in msg, msg)
         return CheckResult("verify_each", "ok", f"named BreakOutput at position {position}")
     raise AssertionError("verify_each did not catch the injected BreakOutput")
 
@@ -320,7 +320,7 @@ def check_netaug(model: nn.Module, example_inputs: tuple, *, configs: int = 3, s
             assert_unchanged(model, snap, "check_netaug")
             return CheckResult("netaug", "not applicable", str(e))
         raise
-    _require(any(isinstance(m, DynamicLayer) for m in aug.modules()), "AugmentWidth made no dynamic layer")
+    require(any(isinstance(m, DynamicLayer) for m in aug.modules()), "AugmentWidth made no dynamic layer")
     aug.eval()
     errors["base_eval"] = _compare(ref, aug, [xs], "base mode (eval)", 1e-12)
     ref_t, aug_t = copy.deepcopy(ref).train(), copy.deepcopy(aug).train()
@@ -329,12 +329,12 @@ def check_netaug(model: nn.Module, example_inputs: tuple, *, configs: int = 3, s
     torch.manual_seed(seed)
     b = aug_t(*xs)
     errors["base_train"] = rel_error(a, b)
-    _require(errors["base_train"] <= 1e-12, f"base mode (train): relative error {errors['base_train']:.3e}")
+    require(errors["base_train"] <= 1e-12, f"base mode (train): relative error {errors['base_train']:.3e}")
     ref_mods = dict(ref_t.named_modules())
     for name, m in aug_t.named_modules():
         if isinstance(m, DynamicLayer) and getattr(m, "running_mean", None) is not None:
             e, r = m.extract(), ref_mods[name]
-            _require(torch.allclose(e.running_mean, r.running_mean, rtol=1e-12, atol=1e-15)
+            require(torch.allclose(e.running_mean, r.running_mean, rtol=1e-12, atol=1e-15)
                      and torch.allclose(e.running_var, r.running_var, rtol=1e-12, atol=1e-15),
                      f"base mode updated the running statistics of {name} differently from the original")
     # every sampled configuration (and the largest) runs forward and backward; gradients reach the base
@@ -351,11 +351,11 @@ def check_netaug(model: nn.Module, example_inputs: tuple, *, configs: int = 3, s
         with use_width(aug, cfg):
             _scalar_loss(aug(*xs)).backward()
         grads = [p.grad for p in aug.parameters() if p.grad is not None]
-        _require(grads and all(torch.isfinite(g).all() for g in grads), f"config {step}: non-finite gradients")
+        require(grads and all(torch.isfinite(g).all() for g in grads), f"config {step}: non-finite gradients")
         base_grad = sum(float(_base_slice_grad(m).abs().sum()) for m in dyn)
-        _require(base_grad > 0 or not reaches,
+        require(base_grad > 0 or not reaches,
                  f"config {step}: the augmented loss's gradient does not reach the base weights")
-        _require(all(torch.equal(s, t) for s, t in zip(stats, _running(aug))),
+        require(all(torch.equal(s, t) for s, t in zip(stats, _running(aug))),
                  f"config {step}: an augmented forward changed the running statistics")
     # train two NetAug steps, contract, load into the original architecture
     opt = torch.optim.SGD(aug.parameters(), lr=1e-3)
@@ -410,16 +410,16 @@ def check_early_exits(model: nn.Module, example_inputs: tuple, *, seed: int = 0)
     multi.eval()
     with torch.no_grad():
         want, outs = ref(*xs), multi(*xs)
-    _require(isinstance(outs, tuple) and len(outs) >= 2 and all(o.shape == want.shape for o in outs),
+    require(isinstance(outs, tuple) and len(outs) >= 2 and all(o.shape == want.shape for o in outs),
              "the multi-exit model does not return one (batch, classes) tensor per exit")
     t = multi.fxexpand_records["ExitRecord"].temperatures[-1]
     err = rel_error(outs[-1] - t * outs[-2], want)
-    _require(err <= 1e-12, f"F_N - t F_(N-1) is not the backbone's output: relative error {err:.3e}")
+    require(err <= 1e-12, f"F_N - t F_(N-1) is not the backbone's output: relative error {err:.3e}")
     trained = copy.deepcopy(multi).train()  # a training forward updates BN statistics: on a copy
     outs_t = trained(*xs)
-    _require(isinstance(outs_t, tuple) and len(outs_t) == len(outs), "train mode changes the outputs' structure")
+    require(isinstance(outs_t, tuple) and len(outs_t) == len(outs), "train mode changes the outputs' structure")
     sum(o.square().mean() for o in outs_t).backward()
-    _require(all(p.grad is not None for h in trained.exit_heads for p in h.parameters()), "a head got no gradient")
+    require(all(p.grad is not None for h in trained.exit_heads for p in h.parameters()), "a head got no gradient")
     small = contract(multi, xs)
     restored = copy.deepcopy(ref)
     restored.load_state_dict(small.state_dict(), strict=True)

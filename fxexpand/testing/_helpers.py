@@ -14,7 +14,7 @@ from ..core import RESTORABLE_TYPES, DynamicLayer, get_module, layer_config, tra
 __all__ = ["randomize_bn", "rel_error", "snapshot", "assert_unchanged", "graph_signature", "assert_graph_matches"]
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
     """Like ``assert``, but not stripped by ``python -O``."""
     if not condition:
         raise AssertionError(message)
@@ -60,11 +60,11 @@ def assert_unchanged(model: nn.Module, snap: tuple[dict, str, dict], what: str =
     bit-identical tensors of the same dtype, the same structure and training flags."""
     state, text, flags = snap
     now = model.state_dict()
-    _require(set(now) == set(state), f"{what} changed the input model's state_dict keys")
+    require(set(now) == set(state), f"{what} changed the input model's state_dict keys")
     for k, v in state.items():
-        _require(now[k].dtype == v.dtype and torch.equal(now[k], v), f"{what} modified the input model's {k}")
-    _require(repr(model) == text, f"{what} changed the input model's structure")
-    _require({n: m.training for n, m in model.named_modules()} == flags, f"{what} changed training flags")
+        require(now[k].dtype == v.dtype and torch.equal(now[k], v), f"{what} modified the input model's {k}")
+    require(repr(model) == text, f"{what} changed the input model's structure")
+    require({n: m.training for n, m in model.named_modules()} == flags, f"{what} changed training flags")
 
 
 def _describe_module(m: nn.Module) -> str:

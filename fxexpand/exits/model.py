@@ -1,7 +1,9 @@
-"""BoostNet at inference: per-exit costs, anytime and budgeted evaluation, real early exit in onnxruntime.
+"""BoostNet's multi-exit model in torch: the training loss, segments, per-exit costs, anytime and
+budgeted evaluation.
 
 A model built by :class:`~fxexpand.passes.InsertEarlyExits` returns ``(F_1, ..., F_N)``. This module
 
+* trains it with :func:`loss` (``Σ_n w_n · loss_fn(F_n, y)``);
 * splits it at its exits into *segments* (:func:`segments`, with ``torch.fx.passes.split_module``):
   segment n computes the trunk from exit n-1 to exit n and head n's raw logits f_n; the last
   segment ends with the backbone's own head. Costs per exit come from running each segment under
@@ -9,25 +11,20 @@ A model built by :class:`~fxexpand.passes.InsertEarlyExits` returns ``(F_1, ...,
 * evaluates anytime prediction (every F_n against its cumulative cost, :func:`anytime`) and
   budgeted-batch classification (:func:`fit`: a fraction p of the remaining samples exits at each
   exit, p solved by Newton–Raphson for the budget, confidence thresholds fitted on a held-out split
-  with the flat-curve rule; :func:`evaluate`); the math is in :mod:`fxexpand.exit_policy`;
-* exports one ONNX file per segment plus ``policy.json`` (:func:`export`); :class:`Runner` runs
-  them in onnxruntime, computes ``F_n = t_n · F_{n-1} + f_n`` and stops at the first exit whose
-  max-softmax confidence reaches its threshold.
+  with the flat-curve rule; :func:`evaluate`); the math is in :mod:`fxexpand.exits.policy`.
+
+Real early exit in onnxruntime (:func:`~fxexpand.exits.export`, :class:`~fxexpand.exits.Runner`) is
+in :mod:`fxexpand.exits.runtime`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 import operator
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -35,12 +32,12 @@ from torch import nn
 from torch.fx.passes.split_module import split_module
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import exit_policy as ep
-from .core import ExitRecord, ExportError, GradientScale, InputError, as_inputs, get_module, get_record, unwrap
-from .export import check_output_path, export_onnx
+from ..core import ExitRecord, GradientScale, InputError, as_inputs, get_module, get_record, unwrap
+from . import policy as ep
+from .policy import Policy
 
 __all__ = ["exit_record", "loss", "segments", "Segment", "exit_costs", "collect", "anytime", "fit", "evaluate",
-           "budget_curve", "Policy", "export", "Runner"]
+           "budget_curve"]
 
 
 def exit_record(model: nn.Module) -> ExitRecord:
@@ -227,31 +224,6 @@ def anytime(model: nn.Module, loader: Iterable, example_inputs: Any) -> list[dic
     return ep.anytime_table(correct, exit_costs(model, example_inputs)["flops"])
 
 
-@dataclass
-class Policy:
-    """Thresholds on max-softmax confidence of F_n (fitted on a held-out split), the temperatures
-    and boosting of the model, and the per-exit costs they were fitted with."""
-
-    thresholds: list[float]
-    temperatures: list[float]
-    boost: bool
-    step_costs: list[float]
-    p: float
-    budget: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = ep.ExitPolicy(self.thresholds, self.p, self.budget, []).to_dict()
-        return {"thresholds": d["thresholds"], "temperatures": self.temperatures, "boost": self.boost,
-                "step_costs": self.step_costs, "p": self.p, "budget": self.budget}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Policy":
-        th = ep.ExitPolicy.from_dict({"thresholds": d["thresholds"], "p": d["p"], "budget": d["budget"],
-                                      "fractions": []}).thresholds
-        return cls(list(th), list(d["temperatures"]), bool(d["boost"]), list(d["step_costs"]), float(d["p"]),
-                   d["budget"])
-
-
 def fit(model: nn.Module, val_loader: Iterable, budget: float, example_inputs: Any, *,
         flat_rule: bool = True) -> Policy:
     """Budgeted-batch policy for ``budget`` (a fraction of the full model's cost, in (0, 1]): p from
@@ -264,7 +236,7 @@ def fit(model: nn.Module, val_loader: Iterable, budget: float, example_inputs: A
     logits, y = collect(model, val_loader)
     scores, correct = _scores_correct(logits, y)
     pol = ep.fit_policy(scores, correct, costs, float(budget) * sum(costs), flat_rule=flat_rule)
-    return Policy(list(pol.thresholds), list(rec.temperatures), rec.boost, costs, pol.p, pol.budget)
+    return dataclasses.replace(pol, temperatures=list(rec.temperatures), boost=rec.boost, step_costs=costs)
 
 
 def evaluate(model: nn.Module, loader: Iterable, policy: Policy) -> dict[str, Any]:
@@ -286,97 +258,3 @@ def budget_curve(model: nn.Module, val_loader: Iterable, test_loader: Iterable, 
     ts, tc = _scores_correct(tl, ty)
     absolute = None if budgets is None else [float(b) * sum(costs) for b in budgets]
     return ep.budget_curve(vs, vc, ts, tc, costs, budgets=absolute, flat_rule=flat_rule)
-
-
-# -- deployment --------------------------------------------------------------------------------------
-def export(model: nn.Module, example_inputs: Any, out_dir: str | os.PathLike, policy: Policy) -> Path:
-    """Write ``segment_<n>.onnx`` (each checked against torch in onnxruntime by
-    :func:`fxexpand.export_onnx`) and ``policy.json`` (the segments' input and output names, the
-    thresholds and temperatures) into ``out_dir``; returns the directory."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out} exists and is not an empty directory; choose a new directory for the segments")
-    check_output_path(out.parent / f".{out.name}.probe")
-    segs = segments(model, example_inputs)
-    if len(policy.thresholds) != len(segs):
-        raise InputError(f"the policy has {len(policy.thresholds)} thresholds for {len(segs)} exits")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=str(out.parent)))
-    try:  # everything is written to a temporary directory first: no partial result on failure
-        manifest = []
-        for k, s in enumerate(segs):
-            path = export_onnx(_Named(s.module), s.example, tmp / f"segment_{k + 1}.onnx")
-            manifest.append({"file": path.name, "inputs": s.inputs, "outputs": s.outputs, "logits": s.logits})
-        inputs = [n.name for n in _inference_graph(model)[0].graph.nodes if n.op == "placeholder"]
-        payload = {"format": "fxexpand-early-exit", "version": 1, "inputs": inputs, "segments": manifest,
-                   "policy": policy.to_dict()}
-        (tmp / "policy.json").write_text(json.dumps(payload, indent=2, allow_nan=False))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-class _Named(nn.Module):
-    """Exports a segment with its outputs as a flat tuple."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args):
-        res = self.module(*args)
-        return res if isinstance(res, tuple) else (res,)
-
-
-class Runner:
-    """Early-exit inference from :func:`export`'s directory in onnxruntime: runs segment after
-    segment, computes ``F_n = t_n · F_{n-1} + f_n`` and returns ``(label, exit index)`` (1-based) at
-    the first exit whose max-softmax confidence reaches its threshold."""
-
-    def __init__(self, directory: str | os.PathLike, *, threads: int = 1):
-        d = Path(directory)
-        try:
-            payload = json.loads((d / "policy.json").read_text())
-        except (OSError, ValueError) as e:
-            raise InputError(f"{d} has no readable policy.json: {e}") from e
-        if payload.get("format") != "fxexpand-early-exit":
-            raise InputError(f"{d / 'policy.json'} is not an fxexpand early-exit manifest")
-        self.policy = Policy.from_dict(payload["policy"])
-        self.inputs = list(payload.get("inputs") or payload["segments"][0]["inputs"])
-        import onnxruntime as ort  # lazy: only deployment needs it (import time of `import fxexpand`)
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        self.segments = []
-        for s in payload["segments"]:
-            sess = ort.InferenceSession(str(d / s["file"]), opts, providers=["CPUExecutionProvider"])
-            self.segments.append((sess, [i.name for i in sess.get_inputs()], s))
-
-    def __call__(self, *inputs: Any) -> tuple[int, int]:
-        """Label and 1-based exit index for one sample (batch of 1)."""
-        values: dict[str, np.ndarray] = {}
-        if len(inputs) != len(self.inputs):
-            raise InputError(f"the model takes {len(self.inputs)} inputs ({', '.join(self.inputs)}), got {len(inputs)}")
-        for name, t in zip(self.inputs, inputs):  # the model's own argument order
-            values[name] = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
-        boosted = None
-        n_exits = len(self.segments)
-        for k, (sess, onnx_inputs, spec) in enumerate(self.segments):
-            feeds = {o: values[v] for o, v in zip(onnx_inputs, spec["inputs"])}
-            res = sess.run(None, feeds)
-            for name, r in zip(spec["outputs"], res):
-                values[name] = r
-            f = values[spec["logits"]].astype(np.float32)  # as torch computes F_n: float32
-            if boosted is None or not self.policy.boost:
-                boosted = f
-            else:
-                boosted = np.float32(self.policy.temperatures[k - 1]) * boosted + f
-            z = boosted - boosted.max(axis=1, keepdims=True)
-            conf = float((np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)).max())
-            if k == n_exits - 1 or conf >= self.policy.thresholds[k]:
-                return int(boosted.argmax(axis=1)[0]), k + 1
-        raise AssertionError("unreachable: the last exit always answers")

@@ -1,7 +1,7 @@
 """``fxexpand demo``: do the methods make a tiny model better? A paired comparison on MNIST-1D.
 
-The tiny model (:class:`fxexpand.models.TinyConv1d`, a MobileNet-style Conv1d net that under-fits
-MNIST-1D) is trained with each method's paper protocol (:mod:`fxexpand.protocols`), contracted
+The tiny model (:class:`fxexpand.demo.models.TinyConv1d`, a MobileNet-style Conv1d net that under-fits
+MNIST-1D) is trained with each method's paper protocol (:mod:`fxexpand.training.protocols`), contracted
 back to the tiny architecture (strict ``load_state_dict``), verified and evaluated; vanilla
 training is the baseline at the method's epochs and at matched training compute (a ladder of
 vanilla budgets, compared by interpolation in log-compute). Every method uses the same seeds
@@ -16,34 +16,34 @@ package.
 
 from __future__ import annotations
 
-import json
 import math
-import multiprocessing
 import os
 import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from rich.table import Table
 from torch import nn
 
-from . import api, data as datasets, protocols
-from .bench import compare_onnx
-from .core import InputError
-from .cost import count_flops, count_parameters
-from .export import export_onnx
+from .. import api
+from ..core import InputError
+from ..deploy.bench import compare_onnx
+from ..deploy.cost import count_flops, count_parameters
+from ..deploy.export import export_onnx
+from ..training import protocols
+from . import data as datasets
+from .common import Loader, format_diff, map_tasks, process_pool, sgd_one_cycle, write_json
 from .models import DigitsNet, TinyConv1d
 
 __all__ = ["DigitsNet", "load_digits", "run_demo", "DemoConfig", "DemoReport", "METHODS", "DEFAULT_METHODS",
            "FULL_METHODS", "FULL_SEEDS", "full_config",
            "LR_GRID", "TUNED_LR", "results_table", "write_outputs", "paired_difference", "reading", "plot", "train_run", "markdown_table"]
 
-#: the methods the demo can run (names of :data:`fxexpand.protocols.PROTOCOLS`)
+#: the methods the demo can run (names of :data:`fxexpand.training.protocols.PROTOCOLS`)
 METHODS = tuple(protocols.PROTOCOLS)
 #: the default comparison (``fxexpand demo``, ≤ 6 min on 2 cores): a short vanilla ladder and one
 #: protocol per method
@@ -69,7 +69,7 @@ TUNE_SEEDS = (1000,)
 
 def load_digits(test_size: float = 0.25, split_seed: int = 0):
     """scikit-learn's digits as ``(x_train, y_train, x_test, y_test)`` (the examples' loader; the demo
-    uses :func:`fxexpand.data.digits`, which also carves a validation split)."""
+    uses :func:`fxexpand.demo.data.digits`, which also carves a validation split)."""
 
     # lazy: scikit-learn takes ~1 s to import and only the digits data needs it
     from sklearn.datasets import load_digits as _load
@@ -142,30 +142,6 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((out.argmax(1) == y).float().mean())
 
 
-class _Loader:
-    """Shuffled mini-batches from a fixed generator (one per run: paired across methods)."""
-
-    def __init__(self, x, y, batch_size, seed):
-        self.x, self.y, self.bs = x, y, batch_size
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def __len__(self):
-        return (len(self.y) + self.bs - 1) // self.bs
-
-    def __iter__(self):
-        perm = torch.randperm(len(self.y), generator=self.gen)
-        for i in range(0, len(self.y), self.bs):
-            j = perm[i:i + self.bs]
-            yield self.x[j], self.y[j]
-
-
-def _optimizer(lr: float) -> Callable:
-    def make(params: Iterable[nn.Parameter], total_steps: int):
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total_steps, 2))
-    return make
-
-
 def train_run(task: dict) -> dict:
     """Train one (method, seed, lr) and evaluate it on ``task["split"]`` ("val" or "test"); run in a
     worker process. Returns accuracies, the giant's accuracy after NetBooster's phase 1, training
@@ -179,7 +155,7 @@ def train_run(task: dict) -> dict:
     tiny = _tiny(task["dataset"], task["width"])
     xb, yb = d.x_train[:task["batch_size"]], d.y_train[:task["batch_size"]]
     model = proto.compile(tiny, (xb,))
-    loader = _Loader(d.x_train, d.y_train, task["batch_size"], task["seed"])
+    loader = Loader(d.x_train, d.y_train, task["batch_size"], task["seed"])
     phase_flops: list[float] = []
     phase_acc: list[float] = []
 
@@ -188,7 +164,7 @@ def train_run(task: dict) -> dict:
         phase_acc.append(_accuracy(m, x_eval, y_eval))
 
     t0 = time.perf_counter()
-    protocols.run(model, proto, loader, epochs=task["epochs"], make_optimizer=_optimizer(task["lr"]),
+    protocols.run(model, proto, loader, epochs=task["epochs"], make_optimizer=sgd_one_cycle(task["lr"]),
                   seed=task["seed"], on_phase_end=on_phase_end)
     seconds = time.perf_counter() - t0
     steps = [max(1, round(p.factor * task["epochs"])) * len(loader) for p in proto.phases]
@@ -261,33 +237,6 @@ class DemoReport:
     seconds: float
 
 
-def _pool(workers: int):
-    if workers == 1:
-        return None
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-
-
-def _map(pool, fn: Callable[[dict], dict], tasks: list[dict],
-         progress: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """``fn`` over ``tasks`` in ``pool`` (None: in this process), in order; ``progress(i, result)``
-    after each (i counts from 1)."""
-    results = map(fn, tasks) if pool is None else pool.map(fn, tasks)
-    out = []
-    for r in results:
-        out.append(r)
-        if progress:
-            progress(len(out), r)
-    return out
-
-
-def _write_json(path: Path, obj: Any) -> Path:
-    """``obj`` as JSON at ``path``, written to a temporary name first (no partial file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)
-    return path
-
-
 def run_demo(config: DemoConfig | None = None, *, progress: Callable[[str], None] | None = None) -> DemoReport:
     """Run the comparison (tuning first when ``config.tune``); see the module docstring."""
 
@@ -300,12 +249,12 @@ def run_demo(config: DemoConfig | None = None, *, progress: Callable[[str], None
     base = {"dataset": cfg.dataset, "width": cfg.width, "epochs": cfg.epochs, "batch_size": cfg.batch_size}
     lr = {m: cfg.lr.get(m, TUNED_LR.get(m, 0.05)) for m in cfg.methods}
     tuning: dict[str, dict] = {}
-    pool = _pool(cfg.workers)
+    pool = process_pool(cfg.workers)
     try:
         if cfg.tune:
             tasks = [dict(base, method=m, seed=s, lr=g, split="val") for m in cfg.methods for g in cfg.lr_grid
                      for s in cfg.tune_seeds]
-            results = _map(pool, train_run, tasks, lambda i, r: say(
+            results = map_tasks(pool, train_run, tasks, lambda i, r: say(
                 f"tuning {i}/{len(tasks)}: {r['method']} lr={r['lr']:g} seed {r['seed']} val {100 * r['accuracy']:.1f}%"))
             for m in cfg.methods:
                 scores = {g: statistics.fmean(r["accuracy"] for r in results if r["method"] == m and r["lr"] == g)
@@ -315,7 +264,7 @@ def run_demo(config: DemoConfig | None = None, *, progress: Callable[[str], None
                 lr[m] = best
         tasks = [dict(base, method=m, seed=s, lr=lr[m], split="test", keep=True) for s in range(cfg.seeds)
                  for m in cfg.methods]
-        runs = _map(pool, train_run, tasks, lambda i, r: say(
+        runs = map_tasks(pool, train_run, tasks, lambda i, r: say(
             f"run {i}/{len(tasks)}: {r['method']} seed {r['seed']} test {100 * r['accuracy']:.1f}% "
             f"({r['train_seconds']:.0f} s)"))
     finally:
@@ -401,13 +350,6 @@ def _pct(v: float) -> str:
     return f"{100 * v:.2f}"
 
 
-def _diff(d: dict | None) -> str:
-    if not d:
-        return "—"
-    ci = "" if math.isnan(d["low"]) else f" [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
-    return f"{100 * d['mean']:+.2f}{ci}"
-
-
 def results_table(report: DemoReport) -> Table:
     """The comparison as a rich table."""
     c = report.config
@@ -423,7 +365,7 @@ def results_table(report: DemoReport) -> Table:
         lat = "—" if r["latency_ratio"] is None else f"{r['latency_ratio']:.2f}"
         t.add_row(r["method"] + (f" ({r['diverged']} diverged)" if r.get("diverged") else ""), str(r["epochs"]), f"{r['lr']:g}",
                   f"{_pct(r['accuracy_mean'])} ± {_pct(r['accuracy_std'])}", _pct(r["train_accuracy_mean"]),
-                  _diff(r.get("vs_vanilla_epochs")), _diff(r.get("vs_vanilla_compute")),
+                  format_diff(r.get("vs_vanilla_epochs")), format_diff(r.get("vs_vanilla_compute")),
                   f"{r['compute_ratio']:.2f}", f"{r['time_ratio']:.2f}", lat, err)
     return t
 
@@ -438,8 +380,8 @@ def markdown_table(report: DemoReport | dict) -> str:
         lat = "—" if r["latency_ratio"] is None else f"{r['latency_ratio']:.2f}"
         name = r["method"] + (f" ({r['diverged']} diverged)" if r.get("diverged") else "")
         lines.append(f"| {name} | {r['epochs']} | {r['lr']:g} | {_pct(r['accuracy_mean'])} ± "
-                     f"{_pct(r['accuracy_std'])} | {_pct(r['train_accuracy_mean'])} | {_diff(r.get('vs_vanilla_epochs'))} "
-                     f"| {_diff(r.get('vs_vanilla_compute'))} | {r['compute_ratio']:.2f} | {r['time_ratio']:.2f} | {lat} |")
+                     f"{_pct(r['accuracy_std'])} | {_pct(r['train_accuracy_mean'])} | {format_diff(r.get('vs_vanilla_epochs'))} "
+                     f"| {format_diff(r.get('vs_vanilla_compute'))} | {r['compute_ratio']:.2f} | {r['time_ratio']:.2f} | {lat} |")
     return "\n".join(lines)
 
 
@@ -513,4 +455,4 @@ def write_outputs(report: DemoReport, out_dir: str | os.PathLike) -> tuple[Path,
     """Write ``demo.json`` (every number) and ``demo.png`` into ``out_dir`` (atomically)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return _write_json(out / "demo.json", asdict(report)), plot(report, out / "demo.png")
+    return write_json(out / "demo.json", asdict(report)), plot(report, out / "demo.png")

@@ -12,8 +12,8 @@ import sys
 
 from onnxruntime.capi import _pybind_state
 
-from .bench import _alternate
-from .core import FxExpandError
+from ..core import FxExpandError
+from .bench import time_alternately
 
 
 def main() -> int:
@@ -22,7 +22,7 @@ def main() -> int:
     _pybind_state.set_global_thread_pool_sizes(int(job["threads"]), 1)  # intra-op, inter-op
 
     try:
-        times = _alternate(job["paths"], job["threads"], job["warmup"], job["runs"], job["input_shapes"],
+        times = time_alternately(job["paths"], job["threads"], job["warmup"], job["runs"], job["input_shapes"],
                            job["optimization"], job["seed"], shared_pool=True)
     except (FxExpandError, ValueError) as e:  # the caller raises the same type
         print(json.dumps({"error": type(e).__name__, "message": str(e)}))
