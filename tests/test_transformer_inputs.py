@@ -4,8 +4,9 @@ is_causal=False)``), and shape propagation that fails: issue 25 item 3.
 Root cause: such arguments were traced as graph inputs. Their values (None, False) have no tensor
 shape, so NetAug and the early exits, which asked for a shape on *every* input, said "pass
 example_inputs" although example inputs were passed; and every block read them, so the graph had no
-cut point for an exit. They are now traced at their defaults (``fxexpand.core.specialised_defaults``),
-and a pass asks only that shapes were propagated (``fxexpand.core.shapes_known``).
+cut point for an exit. They are now traced at their defaults and leave the graph
+(``fxexpand.core.specialised_defaults``), and a pass asks only that shapes were propagated
+(``fxexpand.core.shapes_known``, where an input whose value is None or a flag counts as known).
 """
 
 import copy
@@ -70,20 +71,17 @@ def _x(seed: int = 0, size: int = 16) -> torch.Tensor:
 
 
 def test_optional_arguments_are_traced_at_their_defaults():
+    """The graph is the eager model's default path and takes only ``x`` (every placeholder is an input)."""
     torch.manual_seed(0)
     m = TinyViT().eval()
     gm = fxexpand.trace(m)
-    ph = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
-    assert [n.target for n in ph.values()] == ["x", "attn_mask", "is_causal"]
-    # the optional arguments are read only by the assertions that they keep their defaults
-    for n in list(ph.values())[1:]:
-        assert all(u.op == "call_function" for u in n.users)
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
     sdpa = [n for n in gm.graph.nodes if n.target is F.scaled_dot_product_attention]
     assert len(sdpa) == 3 and all(n.kwargs["attn_mask"] is None and n.kwargs["is_causal"] is False for n in sdpa)
     x = _x()
     torch.testing.assert_close(gm(x), m(x), rtol=0, atol=0)
-    with pytest.raises(AssertionError, match="attn_mask has been specialized"):
-        gm(x, torch.zeros(5, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="attn_mask"):
+        gm(x, attn_mask=torch.zeros(5, 5, dtype=torch.bool))
 
 
 def test_shapes_known_counts_a_non_tensor_input_as_known():
@@ -146,6 +144,26 @@ def test_early_exits_on_a_transformer_with_optional_arguments(dtype, tol):
     fresh.load_state_dict(small.state_dict(), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), backbone, rtol=tol, atol=tol)
+
+
+def test_exit_segments_of_a_transformer_with_optional_arguments():
+    """Every placeholder is an input: the split into one segment per exit runs, and chaining the
+    segments gives the multi-exit model's raw head outputs."""
+    torch.manual_seed(0)
+    x = _x()
+    multi = fxexpand.compile(TinyViT(), passes=fxexpand.recipes.early_exits(head="linear"), example_inputs=(x,))
+    multi.eval()
+    segs = exits.segments(multi, (x,))
+    assert len(segs) == 3 and segs[0].inputs == ["x"]
+    env = {"x": x}
+    with torch.no_grad():
+        for seg in segs:
+            res = seg.module(*[env[n] for n in seg.inputs])
+            env.update(zip(seg.outputs, res if isinstance(res, tuple) else (res,)))
+        outs, t = multi(x), multi.fxexpand_records["ExitRecord"].temperatures
+    raw = [outs[0]] + [outs[n] - t[n - 1] * outs[n - 1] for n in range(1, 3)]
+    for seg, want in zip(segs, raw):
+        torch.testing.assert_close(env[seg.logits], want, rtol=1e-5, atol=1e-5)
 
 
 timm = pytest.importorskip("timm")

@@ -11,8 +11,8 @@ or a bool (timm ViTs' ``attn_mask=None, is_causal=False``, a ``return_features=F
 neither ``concrete_args`` nor the example inputs give (``num_inputs``) is specialised to its default
 (:func:`specialised_defaults`). Traced as a placeholder instead, such an argument takes the branch
 the *non*-default value would take (``if attn_mask is not None`` is true for a proxy) and is read by
-every layer it is passed to. The parameter stays in the traced ``forward()`` signature, with its
-default; calling it with another value fails on an assertion that names the argument.
+every layer it is passed to. The traced ``forward()`` then takes only the real inputs (passing
+``attn_mask=`` to it is a ``TypeError``).
 
 When timm is loaded (a timm model always loads it), the tracer also uses timm's own FX
 registrations (:func:`timm_fx_registrations`): the modules timm registers as not traceable stay
@@ -34,6 +34,7 @@ restores its state afterwards and copies whatever its result still shares with i
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 import sys
 import traceback
@@ -263,14 +264,34 @@ def specialised_defaults(model: nn.Module, *, concrete_args: dict[str, Any] | No
     return out
 
 
-def _restore_argument_names(graph: fx.Graph, params: list[inspect.Parameter] | None) -> None:
-    """torch.fx names the placeholder of a specialised argument ``<name>_<k>``, which would become the
-    traced ``forward()``'s parameter name (and grow a suffix per retrace): give each placeholder its
-    parameter's name back (the node keeps its own name; the generated code aliases it)."""
+#: what torch.fx computes from a specialised argument: ``_assert_is_none(arg)``, ``torch._assert(arg == value)``
+_SPECIALISATION_CHECKS = (operator.eq, torch._assert, getattr(fx._symbolic_trace, "_assert_is_none", None))
+
+
+def _finish_specialised(graph: fx.Graph, params: list[inspect.Parameter] | None, dropped: set[str]) -> None:
+    """After torch.fx specialised ``concrete_args``: the arguments in ``dropped`` (those fxexpand
+    specialised at their defaults) leave the graph, with the assertions torch.fx made on them, so the
+    traced ``forward()`` takes only the real inputs (and every placeholder is one, which the exit
+    segments and ONNX export count on). A specialised argument the caller named stays a parameter,
+    under its own name (torch.fx names its placeholder ``<name>_<k>``, a suffix more per retrace)."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if params is None or len(placeholders) != len(params):
         return
+
+    def readers(node: fx.Node) -> list[fx.Node]:  # every node computed from ``node``, users first
+        out = []
+        for user in node.users:
+            out += readers(user) + [user]
+        return out
+
     for node, p in zip(placeholders, params):
+        if p.name in dropped:
+            tree = readers(node)
+            if all(n.op == "call_function" and n.target in _SPECIALISATION_CHECKS for n in tree):
+                for n in tree + [node]:
+                    if n.graph is graph and not n.users:
+                        graph.erase_node(n)
+                continue
         if node.target != p.name:
             node.target = p.name
 
@@ -377,7 +398,7 @@ def trace_with_calls(
             "forward() argument selects the code path, fix it with concrete_args={name: value}."
         ) from e
     if concrete_args:
-        _restore_argument_names(graph, _forward_parameters(model))
+        _finish_specialised(graph, _forward_parameters(model), set(defaults))
     name = type(model).__name__
     gm = ((_LazyGraphModule if lazy else None) or fx.GraphModule)(tracer.root, graph, name)
     # a cache (gm.meta is not pickled): regions traced through, for scope="expanded" passes
