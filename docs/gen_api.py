@@ -42,7 +42,7 @@ SECTIONS = [
         "ScopedPass", "required_arguments", "LinearOp", "linear_op_of", "bn_of", "shared_use", "value_users",
         "is_metadata_read", "move_metadata_reads", "scale_of", "scale_as_op", "bias_sink",
         "replace_nodes_with_module", "propagate_shapes", "shapes_known", "require_shapes",
-        "ShapePropagationError", "specialised_defaults", "as_inputs", "select_targets", "residual_branch_nodes", "output_layers", "compose", "sum_parallel",
+        "specialised_defaults", "as_inputs", "select_targets", "residual_branch_nodes", "output_layers", "compose", "sum_parallel",
         "bn_as_op", "analyse", "resize"]),
     ("Typed records (fxexpand.core)", fxexpand.core, [
         "set_record", "get_record", "ModuleRenames", "ParameterOrigins", "Recipe", "GrowthRecord", "ChainRecord",
@@ -65,7 +65,8 @@ SECTIONS = [
                                                           "randomize_bn", "rel_error", "snapshot", "assert_unchanged",
                                                           "graph_signature", "assert_graph_matches"]),
     ("Errors", fxexpand, ["FxExpandError", "TraceError", "PassError", "PreconditionError", "PostconditionError",
-                          "EquivalenceError", "ContractionError", "ExportError", "LoadError", "InputError"]),
+                          "EquivalenceError", "ContractionError", "ExportError", "LoadError", "InputError",
+                          "ShapePropagationError"]),
 ]
 
 

@@ -27,6 +27,7 @@ from .core import (
     PassResult,
     PostconditionError,
     PreconditionError,
+    ShapePropagationError,
     TraceError,
     VerifyReport,
     build_pass,
@@ -84,5 +85,5 @@ __all__ = [
     "Pass", "PassResult", "PassManager", "Note", "register_pass", "registered_passes", "get_pass", "build_pass",
     "ContractReport", "VerifyReport", "LatencyStats", "DecayActivation", "ExpandedRegion",
     "FxExpandError", "TraceError", "PassError", "PreconditionError", "PostconditionError",
-    "EquivalenceError", "ContractionError", "ExportError", "LoadError", "InputError",
+    "EquivalenceError", "ContractionError", "ExportError", "LoadError", "InputError", "ShapePropagationError",
 ]
