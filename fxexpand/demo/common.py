@@ -1,6 +1,7 @@
-"""What the two demos share (:mod:`fxexpand.demo.compare` and :mod:`fxexpand.demo.early_exits`):
-the paired mini-batch loader, the optimizer, the process pool, writing JSON and formatting a paired
-difference."""
+"""What the demos and the regime study share (:mod:`fxexpand.demo.compare`,
+:mod:`fxexpand.demo.early_exits`, :mod:`fxexpand.demo.study`): the paired mini-batch loader, the
+optimizers, the per-process dataset cache, accuracy, the process pool, writing JSON and formatting a
+paired difference."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["Loader", "sgd_one_cycle", "process_pool", "map_tasks", "write_json", "format_diff"]
+from . import data as datasets
+
+__all__ = ["Loader", "sgd_one_cycle", "sgd_cosine", "SCHEDULES", "cached_splits", "accuracy", "process_pool",
+           "map_tasks", "write_json", "format_diff"]
 
 
 class Loader:
@@ -43,6 +47,40 @@ def sgd_one_cycle(lr: float) -> Callable:
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
         return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total_steps, 2))
     return make
+
+
+def sgd_cosine(lr: float) -> Callable:
+    """``make_optimizer(params, total_steps)``: the same SGD (Nesterov momentum 0.9, weight decay
+    5e-4) with a cosine learning rate from ``lr`` to 0 over the phase's steps (stepped per step)."""
+
+    def make(params: Iterable[nn.Parameter], total_steps: int):
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
+    return make
+
+
+#: learning-rate schedules by name: ``SCHEDULES[name](lr)`` is a ``make_optimizer``
+SCHEDULES: dict[str, Callable[[float], Callable]] = {"one-cycle": sgd_one_cycle, "cosine": sgd_cosine}
+
+_SPLITS: dict[tuple[str, int | None], datasets.Splits] = {}
+
+
+def cached_splits(name: str, num_samples: int | None = None) -> datasets.Splits:
+    """:func:`fxexpand.demo.data.load` once per process (``num_samples`` for MNIST-1D; None: its
+    default). MNIST-1D with 80,000 samples takes ~35 s to generate, so a worker keeps it."""
+    key = (name, None if num_samples is None else int(num_samples))
+    if key not in _SPLITS:
+        _SPLITS[key] = datasets.load(name, **({} if num_samples is None else {"num_samples": int(num_samples)}))
+    return _SPLITS[key]
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of ``model`` in eval mode on ``(x, y)`` (a multi-exit model: its last exit)."""
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        out = out[-1] if isinstance(out, (tuple, list)) else out
+        return float((out.argmax(1) == y).float().mean())
 
 
 def process_pool(workers: int):

@@ -36,7 +36,7 @@ from ..deploy.cost import count_flops, count_parameters
 from ..deploy.export import export_onnx
 from ..training import protocols
 from . import data as datasets
-from .common import Loader, format_diff, map_tasks, process_pool, sgd_one_cycle, write_json
+from .common import SCHEDULES, Loader, accuracy, cached_splits, format_diff, map_tasks, process_pool, write_json
 from .models import DigitsNet, TinyConv1d
 
 __all__ = ["DigitsNet", "load_digits", "run_demo", "DemoConfig", "DemoReport", "METHODS", "DEFAULT_METHODS",
@@ -121,34 +121,27 @@ def full_config(**overrides: Any) -> DemoConfig:
 
 
 # -- one training run (a worker process) -------------------------------------------------------------
-_DATA: dict[tuple, datasets.Splits] = {}
-
-
-def _splits(name: str) -> datasets.Splits:
-    if name not in _DATA:
-        _DATA[name] = datasets.load(name)
-    return _DATA[name]
-
-
 def _tiny(dataset: str, width: int) -> nn.Module:
     return TinyConv1d(width=width) if dataset == "mnist1d" else DigitsNet(width=width)
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        out = model(x)
-        out = out[-1] if isinstance(out, (tuple, list)) else out
-        return float((out.argmax(1) == y).float().mean())
+def _split(d: datasets.Splits, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if name not in ("train", "val", "test"):
+        raise InputError(f"unknown split {name!r}; choose from train, val, test")
+    return getattr(d, f"x_{name}"), getattr(d, f"y_{name}")
 
 
 def train_run(task: dict) -> dict:
     """Train one (method, seed, lr) and evaluate it on ``task["split"]`` ("val" or "test"); run in a
     worker process. Returns accuracies, the giant's accuracy after NetBooster's phase 1, training
-    compute (FLOPs per phase from ``torch.utils.flop_counter``), wall time and the deployed weights."""
+    compute (FLOPs per phase from ``torch.utils.flop_counter``), wall time and the deployed weights.
+
+    Optional keys (the regime study's): ``num_samples`` (MNIST-1D's size), ``schedule`` (a name of
+    :data:`fxexpand.demo.common.SCHEDULES`, default "one-cycle") and ``evaluate`` (splits whose
+    accuracy is returned in ``"accuracies"``, e.g. ``("val", "test")``)."""
 
     torch.set_num_threads(1)
-    d = _splits(task["dataset"])
+    d = cached_splits(task["dataset"], task.get("num_samples"))
     x_eval, y_eval = (d.x_val, d.y_val) if task["split"] == "val" else (d.x_test, d.y_test)
     proto = protocols.PROTOCOLS[task["method"]]()
     torch.manual_seed(task["seed"])
@@ -161,10 +154,10 @@ def train_run(task: dict) -> dict:
 
     def on_phase_end(i: int, m: nn.Module) -> None:
         phase_flops.append(protocols.step_flops(m, xb, yb, netaug=proto.netaug))
-        phase_acc.append(_accuracy(m, x_eval, y_eval))
+        phase_acc.append(accuracy(m, x_eval, y_eval))
 
     t0 = time.perf_counter()
-    protocols.run(model, proto, loader, epochs=task["epochs"], make_optimizer=sgd_one_cycle(task["lr"]),
+    protocols.run(model, proto, loader, epochs=task["epochs"], make_optimizer=SCHEDULES[task.get("schedule", "one-cycle")](task["lr"]),
                   seed=task["seed"], on_phase_end=on_phase_end)
     seconds = time.perf_counter() - t0
     steps = [max(1, round(p.factor * task["epochs"])) * len(loader) for p in proto.phases]
@@ -182,8 +175,10 @@ def train_run(task: dict) -> dict:
         err32, err64 = ver.max_rel_error("float32"), ver.max_rel_error("float64")
     return {
         **{k: task[k] for k in ("method", "seed", "lr", "split", "epochs")},
-        "accuracy": _accuracy(deployed, x_eval, y_eval),
-        "train_accuracy": _accuracy(deployed, d.x_train, d.y_train),
+        "accuracy": accuracy(deployed, x_eval, y_eval),
+        "train_accuracy": accuracy(deployed, d.x_train, d.y_train),
+        "accuracies": {s: accuracy(deployed, *_split(d, s)) for s in task.get("evaluate", ())},
+        "parameters": count_parameters(deployed),
         "phase_accuracy": phase_acc,
         "train_flops": flops,
         "train_seconds": seconds,
@@ -244,8 +239,7 @@ def run_demo(config: DemoConfig | None = None, *, progress: Callable[[str], None
     cfg.check()
     t_start = time.perf_counter()
     say = progress or (lambda msg: None)
-    d = datasets.load(cfg.dataset)
-    _DATA[cfg.dataset] = d
+    d = cached_splits(cfg.dataset)
     base = {"dataset": cfg.dataset, "width": cfg.width, "epochs": cfg.epochs, "batch_size": cfg.batch_size}
     lr = {m: cfg.lr.get(m, TUNED_LR.get(m, 0.05)) for m in cfg.methods}
     tuning: dict[str, dict] = {}

@@ -142,12 +142,15 @@ PROTOCOLS: dict[str, Callable[[], Protocol]] = {
 def run(model: nn.Module, protocol: Protocol, loader: Iterable, *, epochs: int,
         make_optimizer: Callable[[Iterable[nn.Parameter], int], tuple[torch.optim.Optimizer, Any]],
         seed: int = 0, on_phase_end: Callable[[int, nn.Module], None] | None = None,
-        callbacks: Iterable[Callable] = (), steps_per_epoch: int | None = None) -> nn.Module:
+        callbacks: Iterable[Callable] = (), steps_per_epoch: int | None = None,
+        loss_fn: Callable = nn.functional.cross_entropy) -> nn.Module:
     """Train ``model`` (already compiled with ``protocol.recipe``) through the protocol's phases.
 
     ``make_optimizer(parameters, total_steps)`` returns ``(optimizer, per-step lr scheduler or
     None)`` and is called at every phase's start. ``on_phase_end(i, model)`` runs after phase ``i``
-    (e.g. to evaluate NetBooster's giant). Returns ``model`` in eval mode (NetAug: base width).
+    (e.g. to evaluate NetBooster's giant). ``loss_fn(output, target)`` is the training loss
+    (e.g. :func:`fxexpand.demo.stacked.stacked_cross_entropy` for K seeds trained at once).
+    Returns ``model`` in eval mode (NetAug: base width).
     """
 
     if epochs < 1:
@@ -165,8 +168,8 @@ def run(model: nn.Module, protocol: Protocol, loader: Iterable, *, epochs: int,
         decay_epochs = max(1, math.ceil(phase.decay_fraction * n - 1e-9)) if phase.decay_fraction > 0 else 0
         Trainer(model, opt, epochs=n, decay_fraction=phase.decay_fraction,
                 finetune_epochs=n - decay_epochs if decay_epochs else 0,
-                lr_scheduler=sched, scheduler_interval="step", netaug=sampler, callbacks=callbacks
-                ).fit(loader, steps_per_epoch=steps)
+                lr_scheduler=sched, scheduler_interval="step", netaug=sampler, callbacks=callbacks,
+                loss_fn=loss_fn).fit(loader, steps_per_epoch=steps)
         if on_phase_end is not None:
             on_phase_end(i, model)
     return model.eval()
