@@ -46,6 +46,10 @@ def _describe(row: dict) -> str:
             f"({row['seconds']:.0f} s{', stacked ' + str(row['stacked']) if row['stacked'] > 1 else ''})")
 
 
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("design", help="the design file (JSON; see fxexpand.demo.study)")
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="run at most this many pending groups")
     ap.add_argument("--dry-run", action="store_true", help="list what is pending and the estimate; train nothing")
     args = ap.parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # whole lines in logs (nohup)
     try:
         if args.workers < 1:
             raise InputError(f"--workers must be >= 1, got {args.workers}")
@@ -72,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     n_runs = sum(len(g) for g in grouped)
     estimate = sum(study.estimate_seconds(g) for g in grouped)
     console.print(f"design {design.name}: {len(design.runs)} runs, {len(design.runs) - len(todo)} done in "
-                  f"{args.results}, {n_runs} to run in {len(grouped)} groups; estimate {estimate / 3600:.2f} CPU hours "
-                  f"(~{estimate / 3600 / min(args.workers, max(1, len(grouped))):.2f} h on {args.workers} worker(s))")
+                  f"{args.results}, {n_runs} to run in {len(grouped)} groups; estimate {_hours(estimate)} of CPU time "
+                  f"(~{_hours(estimate / min(args.workers, max(1, len(grouped))))} on {args.workers} worker(s))")
     if args.dry_run or not grouped:
         for g in grouped:
             r = g[0]
