@@ -5,6 +5,7 @@ A failure prints ``RandomCase(seed=N)``; ``fxexpand.testing.random_model(N)`` re
 long sweep over thousands of seeds is documented in docs/testing.md.
 """
 
+import copy
 import warnings
 
 import pytest
@@ -186,3 +187,47 @@ def test_regression_onnx_same_padding_minimal(tmp_path):
     for m in (gm, modules_only):
         fxexpand.export_onnx(m, (x,), tmp_path / "m.onnx")  # raises ExportError if onnxruntime disagrees
     assert model.a.padding == "same" and "same" in gm.code  # export worked on a copy
+
+
+def _grad_and_logit(model, x, y):
+    """Gradient norm at initialisation and eval-mode max |logit| after one SGD step (lr 1e-3, momentum 0.9)."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    torch.manual_seed(123)  # the same dropout / stochastic-depth draws for both models
+    out = model(x)
+    loss = torch.nn.functional.cross_entropy(out.flatten(1), y) if out.dim() > 1 else out.square().mean()
+    loss.backward()
+    grad = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)).item()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        return grad, model(x).abs().max().item()
+
+
+@settings(max_examples=10, **SETTINGS)
+@given(case=ft.models(head=True))
+def test_netbooster_giant_starts_well_scaled(case):
+    """Issue 25: the NetBooster giant's gradient norm at initialisation stays within 10x of the original's
+    and its eval-mode logits after one SGD step within 10x (the inserted blocks' "scaled" init). On the
+    five real backbones of tests/passes/test_insert_inverted_residual.py the gradient bound is 3x; on
+    these tiny random nets (<= 8 channels, random BatchNorm statistics) 2 of 47 seeds reach 4.6-4.8x,
+    which is why the bound here is looser (an open item of issue 25)."""
+    _show(case)
+    x = case.example_inputs[0]
+    model = case.model
+    classes = model(x).flatten(1).shape[1]
+    y = torch.arange(x.shape[0]) % classes
+    torch.manual_seed(case.seed % 2**31)  # the inserted blocks' initialisation
+    try:
+        expanded = fxexpand.compile(model, passes=fxexpand.recipes.netbooster(), example_inputs=(x,))
+    except fxexpand.FxExpandError:
+        return  # nothing NetBooster can expand in this model (the no-op error)
+    if not fxexpand.core.find_regions(expanded):
+        return
+    g0, l0 = _grad_and_logit(copy.deepcopy(model), x, y)
+    g1, l1 = _grad_and_logit(expanded, x, y)
+    note(f"grad {g0} -> {g1}, logit {l0} -> {l1}")
+    if g0 < 1e-8 or l0 < 1e-8:
+        return  # a dead random model (every ReLU off): no scale to compare with
+    assert g1 / g0 < 10.0
+    assert l1 / l0 < 10.0

@@ -46,10 +46,12 @@ from .errors import (
     FxExpandError,
     InputError,
     LoadError,
+    NothingExpandedError,
     PassError,
     PostconditionError,
     PreconditionError,
     ShapePropagationError,
+    SparseExpansionWarning,
     TraceError,
 )
 from .fx import (
@@ -144,12 +146,15 @@ from .provenance import (
     traced_regions,
 )
 from .select import (
+    ACTIVATION_FUNCS,
     ACTIVATION_MODULES,
     BLOCK_TYPES,
     activation_near,
+    block_of,
     conv_problem,
     evenly_spaced,
     output_layers,
+    pooled_input,
     residual_branch_nodes,
     select_targets,
     spread,
@@ -175,7 +180,8 @@ __all__ = [
     "Segment",
     # errors
     "ContractionError", "EquivalenceError", "ExportError", "FxExpandError", "InputError", "LoadError",
-    "PassError", "PostconditionError", "PreconditionError", "ShapePropagationError", "TraceError",
+    "NothingExpandedError", "PassError", "PostconditionError", "PreconditionError", "ShapePropagationError",
+    "SparseExpansionWarning", "TraceError",
     # fx
     "as_inputs", "attr_use_counts", "delete_unused_submodules", "erase_if_dead", "fresh_name", "get_attr", "get_module", "has_module",
     "in_scope", "is_metadata_read", "metadata_reads", "module_call_count", "module_call_counts",
@@ -196,8 +202,8 @@ __all__ = [
     "Recipe", "WidthGroup", "WidthRecord", "ExitRecord", "build_layer", "drop_record", "find_regions", "get_record", "keep_attr", "layer_config", "persistent_records", "region_of", "set_record",
     "set_traced_regions", "traced_regions",
     # select
-    "ACTIVATION_MODULES", "BLOCK_TYPES", "activation_near", "conv_problem", "evenly_spaced", "select_targets",
-    "residual_branch_nodes", "output_layers",
+    "ACTIVATION_FUNCS", "ACTIVATION_MODULES", "BLOCK_TYPES", "activation_near", "block_of", "conv_problem", "evenly_spaced", "select_targets",
+    "residual_branch_nodes", "output_layers", "pooled_input",
     "spread",
     # trace
     "ModuleCall", "specialised_defaults", "trace", "trace_with_calls",

@@ -19,6 +19,8 @@ __all__ = [
     "LoadError",
     "InputError",
     "ShapePropagationError",
+    "NothingExpandedError",
+    "SparseExpansionWarning",
 ]
 
 
@@ -80,3 +82,24 @@ class ShapePropagationError(FxExpandError):
         super().__init__(message)
         self.node = node
         self.cause = cause
+
+
+class NothingExpandedError(PassError):
+    """The expansion passes of a :func:`fxexpand.compile` call (a recipe, or expansion passes given
+    one by one) expanded no layer, so the "expanded" model would be the original one. The message
+    names the recipe and passes and summarises why the layers were skipped.
+
+    ``recipe``: the recipe's name (None for a plain pass list); ``passes``: the expansion passes'
+    names; ``skipped``: ``{(pass name, reason): [layer names]}`` from the passes' notes."""
+
+    def __init__(self, message: str, *, recipe: str | None = None, passes: tuple[str, ...] = (),
+                 skipped: dict[tuple[str, str], list[str]] | None = None):
+        super().__init__(message)
+        self.recipe = recipe
+        self.passes = tuple(passes)
+        self.skipped = dict(skipped or {})
+
+
+class SparseExpansionWarning(UserWarning):
+    """An expansion expanded so little of the model that it is close to a no-op: fewer than 10 % of
+    its conv/linear layers *and* less than 10 % more parameters (:func:`fxexpand.compile`)."""

@@ -10,13 +10,15 @@ called from exactly one place (rule 7). Selection modes (the ``targets`` argumen
   EfficientNet / MobileNetV3 / MobileNetV4 blocks ``DepthwiseSeparableConv``, ``InvertedResidual``,
   ``UniversalInvertedResidual``, ``EdgeResidual``, ``CondConvResidual``, ``ConvBnAct``; or any
   module whose class name ends in ``Block``), and in each the first eligible layer (the first
-  pointwise one if asked to prefer those); a model without such blocks falls back to ``None``;
+  pointwise one if asked to prefer those); a model without such blocks falls back to ``None``, and
+  a model whose blocks hold no eligible layer (a conv pass on a transformer) gets none;
 * a list of qualified names (each must be eligible, else an error says why);
 * a predicate ``fn(name, module) -> bool`` over eligible layers.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any, Callable
 
@@ -29,8 +31,8 @@ from .fx import get_module, module_call_counts
 from .ops import is_add, norm_padding
 from .provenance import ExpandedRegion
 
-__all__ = ["BLOCK_TYPES", "ACTIVATION_MODULES", "evenly_spaced", "select_targets", "conv_problem",
-           "activation_near", "spread", "residual_branch_nodes", "output_layers"]
+__all__ = ["BLOCK_TYPES", "ACTIVATION_MODULES", "ACTIVATION_FUNCS", "block_of", "evenly_spaced", "select_targets", "conv_problem",
+           "activation_near", "spread", "residual_branch_nodes", "output_layers", "pooled_input"]
 
 BLOCK_TYPES = {"InvertedResidual", "_InvertedResidual", "MBConv", "FusedMBConv", "Bottleneck", "BasicBlock",
                # timm.models._efficientnet_blocks (EfficientNet, MobileNetV3, MobileNetV4 and relatives)
@@ -40,6 +42,8 @@ ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hard
                       nn.Hardtanh, nn.Sigmoid, nn.Tanh)
 _FUNC_ACT = {F.relu: nn.ReLU, F.relu6: nn.ReLU6, F.silu: nn.SiLU, F.gelu: nn.GELU, F.hardswish: nn.Hardswish,
              F.leaky_relu: nn.LeakyReLU, F.mish: nn.Mish, F.elu: nn.ELU}
+#: functional activations and the module class that computes the same (with default arguments)
+ACTIVATION_FUNCS = _FUNC_ACT
 
 
 def evenly_spaced(n: int, fraction: float) -> list[int]:
@@ -51,15 +55,22 @@ def evenly_spaced(n: int, fraction: float) -> list[int]:
     return sorted({min(n - 1, math.floor(i / fraction + 1e-9)) for i in range(m)})
 
 
-def _block_of(node: fx.Node) -> str | None:
+def _block_and_class(node: fx.Node) -> tuple[str, str] | None:
     stack = node.meta.get("nn_module_stack") or {}
     block = None
     for key, val in stack.items():
         path, cls = (val if isinstance(val, tuple) else (key, val))
         name = getattr(cls, "__name__", str(cls))
         if name in BLOCK_TYPES or name.endswith("Block"):
-            block = path  # innermost wins
+            block = (path, name)  # innermost wins
     return block
+
+
+def block_of(node: fx.Node) -> str | None:
+    """The qualified name of the innermost repeated block (a module of a :data:`BLOCK_TYPES` class
+    or one whose class name ends in ``Block``) that ``node`` runs in, or None."""
+    found = _block_and_class(node)
+    return found[0] if found else None
 
 
 def select_targets(
@@ -111,7 +122,7 @@ def select_targets(
     if targets == "blocks":
         blocks: dict[str, fx.Node] = {}
         for n in candidates:
-            b = _block_of(n)
+            b = block_of(n)
             if b is None:
                 continue
             cur = blocks.get(b)
@@ -119,6 +130,14 @@ def select_targets(
             if cur is None or (prefer_pointwise and not _pointwise(gm, cur) and _pointwise(gm, n)):
                 blocks[b] = n
         if not blocks:
+            present = {b: cls for b, cls in filter(None, map(_block_and_class, gm.graph.nodes))}
+            if present:
+                # the model has repeated blocks, but none holds a layer this pass can expand (a
+                # conv pass on a transformer): expanding the layers outside them instead (a stem or
+                # patch embedding) would not be the method, so choose nothing and say why
+                kinds = ", ".join(f"{cls} x{k}" for cls, k in collections.Counter(present.values()).most_common())
+                skipped += [(n.target, "not inside a repeated block") for n in candidates]
+                return [], skipped + [("-", f"none of the model's repeated blocks ({kinds}) holds an eligible layer")]
             chosen, more = select_targets(gm, targets=None, fraction=fraction, eligible=eligible, pass_name=pass_name)
             return chosen, more + [("-", "no repeated blocks found: used an evenly spaced fraction of layers")]
         names = list(blocks)
@@ -127,7 +146,7 @@ def select_targets(
         chosen_set = set(chosen)
         for n in candidates:
             if n not in chosen_set:
-                b = _block_of(n)
+                b = block_of(n)
                 why = ("not inside a repeated block" if b is None else
                        "not the first eligible layer of its block" if blocks.get(b) is not n else
                        f"its block is not among the evenly spaced fraction={fraction} of blocks")
@@ -162,9 +181,76 @@ def conv_problem(m: nn.Module, what: str = "") -> str:
     return ""
 
 
+_POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_POOL_FUNCS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+               F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d}
+_REDUCE = {"mean", "amax", "sum", "max"}
+# ops a gate's input passes through between the pooling and the conv (value-preserving or elementwise)
+_PASS_THROUGH_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "to", "float"}
+
+
+def _global_pool(gm: fx.GraphModule, n: fx.Node) -> str:
+    """The name of ``n``'s global (spatial) pooling op, or "" if it is not one."""
+    def all_ones(size: Any) -> bool:
+        return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
+
+    if n.op == "call_module":
+        m = get_module(gm, n.target)
+        if isinstance(m, _POOL_MODULES) and all_ones(m.output_size):
+            return type(m).__name__
+        return ""
+    if n.op == "call_function" and n.target in _POOL_FUNCS:
+        size = n.args[1] if len(n.args) > 1 else n.kwargs.get("output_size")
+        return n.target.__name__ if all_ones(size) else ""
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "") if n.op == "call_function" else ""
+    if name in _REDUCE:
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+        # a reduction over every spatial axis (dims 2.. of an N, C, *spatial tensor)
+        src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        meta = src.meta.get("tensor_meta") if src is not None else None
+        ndim = len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+        if dim is not None and all(isinstance(d, int) for d in dims):
+            if ndim is not None:
+                spatial = set(range(2, ndim))
+                if spatial and {d % ndim for d in dims} >= spatial:
+                    return f"{name}{tuple(dims)}"
+            elif {d for d in dims if d >= 0} >= {2, 3} or {d for d in dims if d < 0} >= {-1, -2}:
+                return f"{name}{tuple(dims)}"
+    return ""
+
+
+def pooled_input(gm: fx.GraphModule, node: fx.Node, depth: int = 8) -> str:
+    """Describes the global pooling ``node``'s input comes from ("" if none): a conv / linear on
+    globally pooled features, such as a squeeze-excitation gate's reduce/expand convs or a head
+    conv after global pooling. Walks back through up to ``depth`` single-input ops (activations,
+    dropout, reshapes, and pointwise convs / linears, which keep features pooled)."""
+    cur = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    for _ in range(depth):
+        if cur is None:
+            return ""
+        pool = _global_pool(gm, cur)
+        if pool:
+            return pool
+        passes = (
+            (cur.op == "call_module" and isinstance(get_module(gm, cur.target),
+                                                    ACTIVATION_MODULES + (nn.Dropout, nn.Identity, nn.Flatten)))
+            or (cur.op == "call_module"
+                and isinstance(get_module(gm, cur.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+                and _pointwise(gm, cur))
+            or (cur.op == "call_function" and (cur.target in _FUNC_ACT or cur.target is F.dropout))
+            or (cur.op == "call_method" and cur.target in _PASS_THROUGH_METHODS))
+        if not passes:
+            return ""
+        cur = cur.args[0] if cur.args and isinstance(cur.args[0], fx.Node) else None
+    return ""
+
+
 def _pointwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     m = get_module(gm, node.target)
-    return all(k == 1 for k in getattr(m, "kernel_size", (0,)))
+    k = getattr(m, "kernel_size", (0,))
+    return all(s == 1 for s in (k if isinstance(k, (tuple, list)) else (k,)))
 
 
 def activation_near(gm: fx.GraphModule, node: fx.Node) -> nn.Module:

@@ -1,8 +1,12 @@
 """InsertInvertedResidual (NetBooster): structure of the inserted block, the layers it refuses, and
 the round trip expand -> alpha = 1 -> contract in float64 and float32."""
 
+import copy
+
 import pytest
+import timm
 import torch
+import torchvision
 from torch import nn
 
 import fxexpand
@@ -204,3 +208,63 @@ def test_round_trip_fails_before_the_activations_are_linear():
         fxexpand.set_decay(expanded, 0.5)
         with pytest.raises(fxexpand.ContractionError, match="not linear yet"):
             fxexpand.contract(expanded.eval(), (x,))
+
+
+def _grad_and_logit(model, x, y):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    torch.manual_seed(123)  # the same stochastic-depth draws for both models
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    grad = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)).item()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        return grad, model(x).abs().max().item()
+
+
+_BACKBONES = {
+    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(weights=None, num_classes=10),
+    "mnasnet0_5": lambda: torchvision.models.mnasnet0_5(weights=None, num_classes=10),
+    "resnet18": lambda: torchvision.models.resnet18(weights=None, num_classes=10),
+    "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(weights=None, num_classes=10),
+    "mobilenetv3_small_050": lambda: timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BACKBONES))
+def test_giant_starts_well_scaled_on_real_backbones(name):
+    """Issue 25: at batch 2, 64x64, one SGD step (lr 1e-3, momentum 0.9): the NetBooster giant's gradient
+    norm at initialisation is within 3x of the original's and its eval-mode max |logit| after the step
+    within 10x (PyTorch's default init gave 18x / 7.7e9x on mobilenet_v2 / mnasnet0_5)."""
+    torch.manual_seed(0)
+    model = _BACKBONES[name]()
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
+    expanded = fxexpand.compile(model, passes=fxexpand.recipes.netbooster(), example_inputs=(x,))
+    g0, l0 = _grad_and_logit(copy.deepcopy(model), x, y)
+    g1, l1 = _grad_and_logit(expanded, x, y)
+    assert 1 / 3 < g1 / g0 < 3, (g0, g1)
+    assert l1 / l0 < 10, (l0, l1)
+
+
+def test_no_block_on_squeeze_excitation_convs():
+    """A conv on globally pooled features (SE gate) is not a target: BatchNorm there sees the batch alone."""
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10)
+    expanded = fxexpand.compile(model, passes=fxexpand.recipes.netbooster(), example_inputs=(torch.randn(2, 3, 64, 64),))
+    regions = fxexpand.core.find_regions(expanded)
+    assert regions and not any(".se." in n for n in regions)
+
+
+def test_scaled_init_statistics():
+    """The scaled init: kernel-1 depthwise weights 1, BatchNorm beta = block_shift(act), centred projection."""
+    conv = nn.Conv2d(8, 16, 1, bias=False)
+    torch.manual_seed(0)
+    block = fxexpand.passes.InsertInvertedResidual().build_block(conv, nn.ReLU())
+    expand, bn1, _, dw, bn2, _, project = block
+    assert torch.equal(dw.weight, torch.ones_like(dw.weight))
+    assert float(bn1.bias[0]) == float(bn2.bias[0]) == 1.5 and float(bn1.weight[0]) == 1.0
+    assert project.weight.sum(1).abs().max() < 1e-5
+    old = fxexpand.passes.InsertInvertedResidual(init="torch").build_block(conv, nn.ReLU())
+    assert float(old[4].bias.abs().max()) == 0.0
+    with pytest.raises(ValueError):
+        fxexpand.passes.InsertInvertedResidual(init="zeros")
