@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ctx = multiprocessing.get_context("spawn")
     t0 = time.perf_counter()
-    done_runs = 0
+    done_runs, units = 0, 0.0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("est. CPU s"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress, \
@@ -102,8 +102,14 @@ def main(argv: list[str] | None = None) -> int:
                     done_runs += len(rows)
                     for row in rows:
                         progress.console.print(_describe(row))
+                    units += study.estimate_seconds(futures[f])
                     progress.update(bar, advance=round(study.estimate_seconds(futures[f])),
                                     description=f"{design.name}: {done_runs}/{n_runs} runs")
+                    if not console.is_terminal:  # a log file gets no live bar: say where it stands
+                        elapsed = time.perf_counter() - t0
+                        eta = (estimate - units) * elapsed / max(units, 1e-9)
+                        console.print(f"  [{done_runs}/{n_runs} runs, {_hours(elapsed)} elapsed, ETA {_hours(eta)} "
+                                      f"at the measured rate; finish ~{time.strftime('%H:%M', time.localtime(time.time() + eta))}]")
         except BrokenProcessPool:
             console.print("[red]a worker process died[/red] (killed?); the finished rows are in the results file, "
                           "re-run the command to continue")

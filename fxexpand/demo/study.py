@@ -306,11 +306,11 @@ def _steps(run: Run) -> int:
 
 def estimate_seconds(group: Sequence[Run]) -> float:
     """A rough CPU-time estimate of one group (for ordering and the progress bar, which calibrates
-    its ETA on the measured rate): ``steps · (3.5 + 0.3·width·K + (K−1)) ms`` from TinyConv1d at
+    its ETA on the measured rate): ``steps · (3.5 + 0.4·width·K + (K−1)) ms`` from TinyConv1d at
     batch 128 on one core (benchmarks/study_speed.py), plus 2 s of evaluation and set-up per run."""
     run, k = group[0], len(group)
     batch = run.regime.batch_size / 128
-    per_step = 3.5 + 0.3 * run.regime.width * k * batch + (k - 1)
+    per_step = 3.5 + 0.4 * run.regime.width * k * batch + (k - 1)
     factor = 1.0 if run.method.startswith("vanilla") else 4.0  # expanded models: several times vanilla's step
     return _steps(run) * per_step * factor / 1000 + 2.0 * k
 
