@@ -78,20 +78,20 @@ class Conv1dNet(nn.Module):
         return self.fc(self.b3(self.b2(self.b1(self.stem(x)))).mean(2))
 
 
-BACKBONES = {
-    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32), 4),
-    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=10),
-                     torch.randn(2, 3, 32, 32), 5),
-    "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(num_classes=10), torch.randn(2, 3, 32, 32), 5),
-    "digits_tiny_cnn": (DigitsNet, torch.randn(2, 1, 8, 8), 2),
-    "conv1d": (Conv1dNet, torch.randn(2, 2, 32), 3),
+BACKBONES = {  # model, input shape, number of exits
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 32, 32), 4),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=10), (2, 3, 32, 32), 5),
+    "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(num_classes=10), (2, 3, 32, 32), 5),
+    "digits_tiny_cnn": (DigitsNet, (2, 1, 8, 8), 2),
+    "conv1d": (Conv1dNet, (2, 2, 32), 3),
 }
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_backbones(name):
-    make, x, n_exits = BACKBONES[name]
+    make, shape, n_exits = BACKBONES[name]
     torch.manual_seed(0)
+    x = torch.randn(*shape)
     model = randomize_bn(make())
     multi = fxexpand.compile(model, passes=[InsertEarlyExits()], example_inputs=(x,))
     outs = multi.train()(x)

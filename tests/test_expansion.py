@@ -160,16 +160,16 @@ def test_undecayed_region_is_refused_with_names():
 
 
 @pytest.mark.parametrize("mode,layer,shape", [
-    ("CL", nn.Conv2d(4, 6, 3, stride=2, padding=1), (2, 4, 9, 9)),
-    ("CL", nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False), (2, 6, 7, 7)),
-    ("CL", nn.Conv2d(4, 8, (3, 5), padding=(1, 2), groups=2, dilation=(2, 1)), (2, 4, 11, 9)),
-    ("CL", nn.Conv1d(3, 5, 5, padding=2), (2, 3, 13)),
-    ("FC", nn.Linear(6, 3), (4, 6)),
-    ("FC", nn.Linear(3, 7, bias=False), (4, 3)),
+    ("CL", lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), (2, 4, 9, 9)),
+    ("CL", lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False), (2, 6, 7, 7)),
+    ("CL", lambda: nn.Conv2d(4, 8, (3, 5), padding=(1, 2), groups=2, dilation=(2, 1)), (2, 4, 11, 9)),
+    ("CL", lambda: nn.Conv1d(3, 5, 5, padding=2), (2, 3, 13)),
+    ("FC", lambda: nn.Linear(6, 3), (4, 6)),
+    ("FC", lambda: nn.Linear(3, 7, bias=False), (4, 3)),
 ])
 @pytest.mark.parametrize("fc_layers", [2, 3])
 def test_preserve_init_is_exact_and_full_rank(mode, layer, shape, fc_layers):
-    model = nn.Sequential(layer).double()
+    model = nn.Sequential(layer()).double()
     x = torch.randn(*shape, dtype=torch.float64)
     e = fxexpand.compile(model, passes=[LinearExpand(mode=mode, ratio=3, init="preserve", fc_layers=fc_layers)])
     body = e.get_submodule("0").body
@@ -238,9 +238,10 @@ def test_shared_module_is_not_expanded():
         def forward(self, x):
             return self.c(self.c(x))
 
-    e = fxexpand.compile(Shared(), passes=[LinearExpand(mode="CL")])
-    assert not any(n.action == "expanded" for n in e.fxexpand_notes)
-    assert any("rule 7" in n.reason for n in e.fxexpand_notes)
+    # nothing else to expand: compile says so (NothingExpandedError) with the reason, rule 7
+    with pytest.raises(fxexpand.NothingExpandedError, match="rule 7") as ei:
+        fxexpand.compile(Shared(), passes=[LinearExpand(mode="CL")])
+    assert ei.value.skipped == {("LinearExpand", "called from 2 places (rule 7)"): ["c"]}
 
 
 def test_decay_kinds():
